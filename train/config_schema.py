@@ -1,0 +1,122 @@
+"""The recipe schema: one dataclass per YAML section.
+
+Only plain data lives here; loading, overrides and validation are in ``train.config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from data.config import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["wan", "hunyuan_video", "mochi"] = "wan"
+    pretrained: str = ""  # Hub id or local diffusers folder (model_index.json)
+    revision: Optional[str] = None
+    # Build a tiny random-weight pipeline of `family` at `pretrained` when that folder does not exist
+    # (quickstart and smoke tests; never for real recipes).
+    create_tiny_random: bool = False
+
+
+@dataclass
+class AttentionConfig:
+    type: Literal["dense", "radial", "svg2"] = "radial"
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    block_size: int = 128
+    dense_layers: int = 0  # the first N transformer blocks keep dense attention
+    # radial
+    decay_factor: float = 1.0
+    attention_sink: Optional[bool] = None  # None: the family's default (Wan on, others off)
+    # svg2
+    num_q_clusters: int = 100
+    num_k_clusters: int = 500
+    top_p: float = 0.9
+    min_kc_ratio: float = 0.1
+    kmeans_iters: Optional[int] = None
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 128
+    alpha: float = 128.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["lora", "full"] = "lora"
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    gradient_checkpointing: bool = False
+    timestep_shift: Optional[float] = None  # None: the family's default
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    log_every: int = 1
+    checkpoint_every: int = 500
+    checkpoints_keep: int = 3
+    resume_from: Optional[str] = None  # "latest" or a checkpoint folder
+    max_bad_steps_in_a_row: int = 5  # NaN/inf losses are skipped and counted; stop after this many in a row
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: int = 0  # 0: off
+    prompts: list[str] = field(default_factory=list)
+    frames: Optional[int] = None  # None: data.frames
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    report_to: Literal["wandb", "none"] = "wandb"
+    project: str = "longvideo-sparse-ft"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class ParallelConfig:
+    sequence_parallel_size: int = 1
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = False  # run train/export.py on the final weights when training ends
+    lora_formats: list[str] = field(default_factory=lambda: ["diffusers", "comfyui"])
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
