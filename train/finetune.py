@@ -1,0 +1,35 @@
+"""Fine-tune a video DiT on longer clips with sparse attention.
+
+    accelerate launch [--config_file configs/accelerate/<setup>.yaml] train/finetune.py \
+        --config configs/<recipe>.yaml [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the packages importable
+
+from train.cli import run_main  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from train.config import load_config
+    from train.trainer import train
+
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

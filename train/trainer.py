@@ -1,0 +1,543 @@
+"""The fine-tuning loop: data -> noise level -> forward through sparse attention -> flow-matching loss -> step.
+
+Everything distributed goes through accelerate (DDP or DeepSpeed ZeRO-2/3, chosen by the accelerate config
+the run is launched with); everything model-specific goes through the family adapter (train/models/).
+A resumed run continues with the same losses as an uninterrupted one: noise and noise levels are drawn from
+generators seeded by (seed, step, micro-batch, rank), and the data order is a deterministic function of
+(seed, epoch) from which the consumed batches are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from train import checkpointing, tracking
+from train.config import config_to_dict, dump_config, save_config
+from train.config_schema import RecipeConfig
+from train.errors import OOM_ADVICE, UserError
+from train.models import get_adapter
+from train.models.base import ModelAdapter, VideoGeometry
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    losses: list[float] = field(default_factory=list)  # one per optimizer step, mean over micro-batches
+    bad_steps: int = 0
+    exported_to: Optional[Path] = None
+
+
+@dataclass
+class _Position:
+    """Where the loop is; saved in training_state.json so that a resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    bad_in_a_row: int = 0
+    bad_total: int = 0
+
+
+def train(cfg: RecipeConfig) -> TrainResult:
+    return Trainer(cfg).run()
+
+
+class Trainer:
+    def __init__(self, cfg: RecipeConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.output_dir)
+        self.accelerator = self._make_accelerator()
+        self.device = self.accelerator.device
+        self.pos = _Position()
+        self.geometries: dict[tuple[int, int, int], VideoGeometry] = {}
+        self._installed_for: Optional[VideoGeometry] = None
+        self.router: Any = None
+        self._pipeline: Any = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # setup
+
+    def _make_accelerator(self) -> Any:
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+        cfg = self.cfg
+        precision = cfg.train.mixed_precision
+        if not torch.cuda.is_available() and precision != "no":
+            precision = "no"  # CPU autocast in bf16 is slow and the Triton interpreter mishandles bf16
+        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        return Accelerator(
+            mixed_precision=precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with=tracking.tracker_name(cfg.tracking),
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir)),
+            kwargs_handlers=handlers,
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _print(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def _weight_dtype(self) -> torch.dtype:
+        precision = self.accelerator.mixed_precision
+        if self.cfg.train.mode == "full" or precision == "no":
+            return torch.float32
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def _prepare_run_dir(self) -> None:
+        from train.bootstrap import create_missing_inputs
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._print("resolved config:\n" + dump_config(self.cfg))
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            for line in create_missing_inputs(self.cfg):
+                self._print(f"created {line}")
+        self.accelerator.wait_for_everyone()
+
+    def _build_data(self, adapter: ModelAdapter) -> tuple[Any, Any]:
+        from data.dataset import build_dataset
+
+        dataset, report = build_dataset(self.cfg.data, adapter.frame_multiple, self.cfg.train.seed)
+        self._print(f"data: {len(dataset)} clips; {report}")
+        if len(dataset) == 0:
+            raise UserError(f"the dataset is empty after filtering ({report}); check data.path, data.frames, data.fps")
+        return dataset, report
+
+    def _build_model(self, adapter: ModelAdapter) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+        cfg = self.cfg
+        transformer = adapter.load_transformer()
+        transformer.to(dtype=self._weight_dtype())
+        if cfg.train.mode == "lora":
+            from peft import LoraConfig
+
+            transformer.requires_grad_(False)
+            transformer.add_adapter(
+                LoraConfig(
+                    r=cfg.lora.rank,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=list(cfg.lora.target_modules),
+                    init_lora_weights=True,
+                )
+            )
+            for p in transformer.parameters():  # LoRA weights train in fp32 under autocast
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            transformer.requires_grad_(True)
+        if cfg.train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        if not params:
+            raise UserError(f"no trainable parameters: lora.target_modules {cfg.lora.target_modules} matched no module")
+        return transformer, params
+
+    def _build_optimizer(self, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
+        from diffusers.optimization import get_scheduler
+
+        t = self.cfg.train
+        optimizer = torch.optim.AdamW(
+            params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+        )
+        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
+        scheduler = get_scheduler(
+            name,
+            optimizer=optimizer,
+            num_warmup_steps=t.lr_warmup_steps * self.accelerator.num_processes,
+            num_training_steps=t.max_steps * self.accelerator.num_processes,
+        )
+        return optimizer, scheduler
+
+    def _geometry(self, adapter: ModelAdapter, frames: int, height: int, width: int) -> VideoGeometry:
+        key = (frames, height, width)
+        if key not in self.geometries:
+            self.geometries[key] = adapter.geometry(frames, height, width)
+        return self.geometries[key]
+
+    def _ensure_attention(self, adapter: ModelAdapter, model: torch.nn.Module, geometry: VideoGeometry) -> None:
+        """(Re)install the attention processors when the clip shape (bucket) changes."""
+        if self._installed_for != geometry:
+            self.router = adapter.install_attention(self.accelerator.unwrap_model(model), self.cfg.attention, geometry)
+            self._installed_for = geometry
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        from accelerate.utils import set_seed
+
+        self._prepare_run_dir()
+        set_seed(cfg.train.seed)
+        adapter = get_adapter(cfg.model.family)(cfg.model.pretrained, cfg.model.revision, self._weight_dtype())
+        base_geometry = self._geometry(adapter, cfg.data.frames, cfg.data.height, cfg.data.width)
+        dataset, _ = self._build_data(adapter)
+        transformer, params = self._build_model(adapter)
+        optimizer, scheduler = self._build_optimizer(params)
+        loader = self._make_loader(dataset)
+        ema = self._make_ema(params)
+
+        transformer, optimizer, scheduler = self.accelerator.prepare(transformer, optimizer, scheduler)
+        if ema is not None:
+            self.accelerator.register_for_checkpointing(ema)
+        self._ensure_attention(adapter, transformer, base_geometry)
+        encoders = adapter.load_encoders(self.device)
+
+        resume = checkpointing.resolve_resume(self.run_dir, cfg.train.resume_from)
+        if resume is not None:
+            self.accelerator.load_state(str(resume / "accelerate"))
+            self.pos = _Position(**checkpointing.read_json(resume / "training_state.json"))
+            self._print(f"resumed from {resume} at step {self.pos.step}")
+
+        tracking.start(self.accelerator, cfg.tracking, self.run_dir, config_to_dict(cfg))
+        result = TrainResult(run_dir=self.run_dir, final_dir=self.run_dir / "final")
+        progress = self._progress()
+        transformer.train()
+        try:
+            while self.pos.step < cfg.train.max_steps:
+                loss, stats = self._one_step(adapter, transformer, optimizer, scheduler, encoders, loader, params, ema)
+                result.losses.append(loss)
+                self._after_step(adapter, transformer, optimizer, scheduler, encoders, loss, stats, progress, ema)
+        except torch.cuda.OutOfMemoryError as err:
+            raise UserError(OOM_ADVICE) from err
+        finally:
+            if progress is not None:
+                progress.close()
+        result.bad_steps = self.pos.bad_total
+        self._save_final(adapter, transformer, ema)
+        result.exported_to = self._export_at_end()
+        self.accelerator.end_training()
+        self._print(self._summary(result))
+        return result
+
+    def _one_step(self, adapter, transformer, optimizer, scheduler, encoders, loader, params, ema) -> tuple[float, dict]:
+        """One optimizer step = gradient_accumulation_steps micro-batches."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        losses, tokens, samples, densities, bad = [], 0, 0, [], False
+        for micro in range(cfg.train.gradient_accumulation_steps):
+            batch = next(loader)
+            with self.accelerator.accumulate(transformer):
+                loss, geometry = self._micro_step(adapter, transformer, encoders, batch, micro)
+                finite = self._all_finite(loss)
+                if not finite:  # skip: a zero loss that still touches every trainable parameter keeps ranks in step
+                    bad = True
+                    loss = sum(p.sum() for p in params) * 0.0
+                self.accelerator.backward(loss)
+                grad_norm = None
+                if self.accelerator.sync_gradients:
+                    grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                if not (bad and self.accelerator.sync_gradients and self.accelerator.distributed_type.value != "DEEPSPEED"):
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if finite:
+                losses.append(float(loss.detach()))
+            samples += batch_size(batch)
+            tokens += batch_size(batch) * geometry.video_tokens
+            if self.router is not None:
+                densities.append(float(self.router.density()))
+        if ema is not None and not bad:
+            ema.step(params)
+        self.pos.step += 1
+        if bad:
+            self.pos.bad_in_a_row += 1
+            self.pos.bad_total += 1
+            self._print(f"step {self.pos.step}: non-finite loss, step skipped ({self.pos.bad_total} so far)")
+            if self.pos.bad_in_a_row >= cfg.train.max_bad_steps_in_a_row:
+                raise UserError(
+                    f"{self.pos.bad_in_a_row} steps in a row had a NaN/inf loss (train.max_bad_steps_in_a_row); "
+                    "lower train.learning_rate or check the data"
+                )
+        else:
+            self.pos.bad_in_a_row = 0
+        dt = time.perf_counter() - t0
+        world = self.accelerator.num_processes
+        stats = {
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "step_time_s": dt,
+            "samples_per_s": samples * world / dt,
+            "tokens_per_s": tokens * world / dt,
+            "attention_density": sum(densities) / len(densities) if densities else 1.0,
+            "bad_steps": self.pos.bad_total,
+        }
+        if torch.cuda.is_available():
+            stats["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return (sum(losses) / len(losses) if losses else float("nan")), stats
+
+    def _micro_step(self, adapter, transformer, encoders, batch, micro: int) -> tuple[torch.Tensor, VideoGeometry]:
+        gen = torch.Generator().manual_seed(self._noise_seed(micro))
+        latents, cond = self._conditioning(adapter, encoders, batch)
+        frames, height, width = clip_shape(batch)
+        geometry = self._geometry(adapter, frames, height, width)
+        self._ensure_attention(adapter, transformer, geometry)
+        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, latents.dtype)
+        sigmas = adapter.sample_sigmas(latents.shape[0], gen, torch.device("cpu")).to(self.device)
+        noisy, timesteps, target = adapter.training_pair(latents, noise, sigmas)
+        if self.router is not None:
+            self.router.begin_step()
+        pred = adapter.predict(transformer, noisy.to(self._weight_dtype()), timesteps, cond)
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, geometry
+
+    def _noise_seed(self, micro: int) -> int:
+        c = self.cfg
+        return (c.train.seed * 1_000_003 + self.pos.step * 1009 + micro * 101 + self.accelerator.process_index) % (2**63)
+
+    @torch.no_grad()
+    def _conditioning(self, adapter, encoders, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if "latents" in batch:  # precomputed cache
+            latents = batch["latents"].to(self.device, torch.float32)
+            cond = {k: v.to(self.device) for k, v in batch["cond"].items()}
+            return latents, cond
+        pixels = batch["pixels"].to(self.device, torch.float32)
+        latents = adapter.encode_videos(encoders, pixels).float()
+        cond = adapter.encode_prompts(encoders, list(batch["captions"]))
+        return latents, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in cond.items()}
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        return bool(self.accelerator.gather(flag).min() > 0)
+
+    def _after_step(self, adapter, transformer, optimizer, scheduler, encoders, loss, stats, progress, ema) -> None:
+        cfg = self.cfg
+        step = self.pos.step
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", density=f"{stats['attention_density']:.3f}")
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            self.accelerator.log({"loss": loss, **stats}, step=step)
+            if progress is None:
+                self._print(f"step {step}/{cfg.train.max_steps} loss {loss:.4f} density {stats['attention_density']:.3f}")
+        if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+            self._save_checkpoint(transformer, ema)
+        v = cfg.validation
+        if v.every_steps and v.prompts and step % v.every_steps == 0:
+            self._validate(adapter, transformer, step)
+
+    def _progress(self) -> Any:
+        if not self.is_main:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.train.max_steps, initial=self.pos.step, desc="train", dynamic_ncols=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # data
+
+    def _make_loader(self, dataset: Any) -> Iterator[dict]:
+        """Endless iterator over batches that records its position (epoch, batch) for resume."""
+        from data.dataset import make_dataloader
+
+        accel = self.accelerator
+
+        def batches() -> Iterator[dict]:
+            while True:
+                loader = make_dataloader(
+                    dataset,
+                    self.cfg.data,
+                    batch_size=self.cfg.train.batch_size,
+                    seed=self.cfg.train.seed,
+                    epoch=self.pos.epoch,
+                    rank=accel.process_index,
+                    world_size=accel.num_processes,
+                    skip_batches=self.pos.batches_in_epoch,
+                )
+                for batch in loader:
+                    self.pos.batches_in_epoch += 1
+                    yield batch
+                self.pos.epoch += 1
+                self.pos.batches_in_epoch = 0
+
+        return batches()
+
+    def _make_ema(self, params: list[torch.nn.Parameter]) -> Any:
+        if not self.cfg.train.ema.enabled:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(params, decay=self.cfg.train.ema.decay)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints, final weights, export
+
+    def _meta(self) -> dict[str, Any]:
+        c = self.cfg
+        zero = 0
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            zero = int(plugin.zero_stage)
+        return {
+            "step": self.pos.step,
+            "family": c.model.family,
+            "mode": c.train.mode,
+            "pretrained": c.model.pretrained,
+            "revision": c.model.revision,
+            "lora": config_to_dict(c.lora),
+            "attention": config_to_dict(c.attention),
+            "data": {"frames": c.data.frames, "height": c.data.height, "width": c.data.width, "fps": c.data.fps, "path": c.data.path},
+            "train": {"max_steps": c.train.max_steps, "learning_rate": c.train.learning_rate, "batch_size": c.train.batch_size},
+            "world_size": self.accelerator.num_processes,
+            "zero_stage": zero,
+            "ema": c.train.ema.enabled,
+        }
+
+    def _write_weights(self, folder: Path, transformer: torch.nn.Module, ema: Any) -> None:
+        """Gather trainable weights (collective under ZeRO-3) and write them on the main process."""
+        state = self.accelerator.get_state_dict(transformer)
+        unwrapped = self.accelerator.unwrap_model(transformer)
+        if ema is not None:  # export the EMA weights: copy them into a detached state dict
+            names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+            state = dict(state)
+            for name, shadow in zip(names, ema.shadow_params):
+                state[name] = shadow.detach().clone()
+        if not self.is_main:
+            return
+        if self.cfg.train.mode == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            lora = get_peft_model_state_dict(unwrapped, state_dict=state)
+            checkpointing.write_weights(folder, lora_state=lora)
+        else:
+            checkpointing.write_weights(folder, lora_state=None, full_model=_FullModelWriter(unwrapped, state))
+        checkpointing.write_json(folder / "meta.json", self._meta())
+
+    def _save_checkpoint(self, transformer: torch.nn.Module, ema: Any) -> Path:
+        final = self.run_dir / "checkpoints" / checkpointing.checkpoint_name(self.pos.step)
+        tmp = checkpointing.staging_dir(final)
+        if self.is_main:
+            checkpointing.begin(final)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp / "accelerate"))
+        self._write_weights(tmp, transformer, ema)
+        if self.is_main:
+            checkpointing.write_json(tmp / "training_state.json", self.pos.__dict__)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            checkpointing.commit(tmp, final)
+            checkpointing.rotate(self.run_dir, self.cfg.train.checkpoints_keep)
+            self._print(f"checkpoint -> {final}")
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _save_final(self, adapter: ModelAdapter, transformer: torch.nn.Module, ema: Any) -> None:
+        final = self.run_dir / "final"
+        tmp = checkpointing.staging_dir(final)
+        if self.is_main:
+            checkpointing.begin(final)
+        self.accelerator.wait_for_everyone()
+        self._write_weights(tmp, transformer, ema)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            checkpointing.commit(tmp, final)
+        self.accelerator.wait_for_everyone()
+
+    def _export_at_end(self) -> Optional[Path]:
+        if not self.cfg.export.at_end or not self.is_main:
+            return None
+        from train.exporting import export_checkpoint
+
+        out = self.run_dir / "export"
+        export_checkpoint(self.run_dir / "final", out, lora_formats=list(self.cfg.export.lora_formats), force=True)
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # validation
+
+    @torch.no_grad()
+    def _validate(self, adapter: ModelAdapter, transformer: torch.nn.Module, step: int) -> None:
+        """Render the fixed prompts with the current weights (on every rank: ZeRO-3 forwards are collective)."""
+        from train.sampling import write_video
+
+        v, c = self.cfg.validation, self.cfg
+        frames, height, width = v.frames or c.data.frames, v.height or c.data.height, v.width or c.data.width
+        unwrapped = self.accelerator.unwrap_model(transformer)
+        if self._pipeline is None:
+            self._pipeline = adapter.load_pipeline(transformer=unwrapped)
+            self._pipeline.to(self.device)
+            self._pipeline.set_progress_bar_config(disable=True)
+        geometry = self._geometry(adapter, frames, height, width)
+        self._ensure_attention(adapter, transformer, geometry)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        videos: dict[str, Path] = {}
+        out_dir = self.run_dir / "validation" / f"step-{step:06d}"
+        autocast = self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else nullcontext()
+        for i, prompt in enumerate(v.prompts):
+            gen = torch.Generator(device="cpu").manual_seed(v.seed + i)
+            with autocast:
+                result = self._pipeline(
+                    prompt=prompt,
+                    num_frames=frames,
+                    height=height,
+                    width=width,
+                    num_inference_steps=v.num_inference_steps,
+                    guidance_scale=v.guidance_scale,
+                    generator=gen,
+                    output_type="np",
+                )
+            if self.is_main:
+                path = out_dir / f"prompt-{i}.mp4"
+                write_video(result.frames[0], path, fps=c.data.fps)
+                videos[f"prompt-{i}"] = path
+        if was_training:
+            unwrapped.train()
+        self._ensure_attention(adapter, transformer, self.geometries[(c.data.frames, c.data.height, c.data.width)])
+        tracking.log_videos(self.accelerator, c.tracking, step, videos, fps=c.data.fps)
+        if self.is_main:
+            self._print(f"validation videos -> {out_dir}")
+
+    def _summary(self, result: TrainResult) -> str:
+        lines = [
+            "done.",
+            f"  run folder:      {self.run_dir}",
+            f"  resolved config: {self.run_dir / 'config.yaml'}",
+            f"  final weights:   {result.final_dir / 'weights'}",
+            f"  checkpoints:     {self.run_dir / 'checkpoints'}",
+        ]
+        if result.losses:
+            lines.append(f"  loss:            first {result.losses[0]:.4f} -> last {result.losses[-1]:.4f}")
+        if result.bad_steps:
+            lines.append(f"  skipped steps:   {result.bad_steps} (non-finite loss)")
+        if self.cfg.tracking.report_to == "wandb":
+            lines.append(f"  wandb:           {self.run_dir / 'wandb'}  (offline runs: `wandb sync <that folder>/offline-run-*`)")
+        if result.exported_to is not None:
+            lines.append(f"  export:          {result.exported_to}")
+        return "\n".join(lines)
+
+
+class _FullModelWriter:
+    """save_pretrained of a full fine-tune with the (possibly ZeRO-3-gathered) state dict."""
+
+    def __init__(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self.model, self.state = model, state
+
+    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
+        self.model.save_pretrained(path, state_dict=self.state, safe_serialization=safe_serialization)
+
+
+def batch_size(batch: dict) -> int:
+    key = "latents" if "latents" in batch else "pixels"
+    return int(batch[key].shape[0])
+
+
+def clip_shape(batch: dict) -> tuple[int, int, int]:
+    """Pixel (frames, height, width) of the clips of a batch (the cache stores them beside the latents)."""
+    if "pixels" in batch:
+        _, _, f, h, w = batch["pixels"].shape
+        return int(f), int(h), int(w)
+    return tuple(int(x) for x in batch["clip_shape"])  # type: ignore[return-value]
