@@ -24,10 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     from train.config import load_config
-    from train.trainer import train
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from train.trainer import train  # heavy imports only once the recipe is known to be valid
+
     train(cfg)
 
 
