@@ -77,9 +77,12 @@ def _normalize_device(device: object) -> torch.device:
         dev = torch.device(device)  # type: ignore[arg-type]
     except (TypeError, RuntimeError) as exc:
         raise ValueError(f"device must be None, a str or a torch.device, got {device!r}") from exc
-    if dev.type == "cuda" and dev.index is None:
-        # "cuda" and "cuda:<current>" must hit the same cache entry.
-        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} requested but CUDA is not available")
+        if dev.index is None:
+            # "cuda" and "cuda:<current>" must hit the same cache entry.
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -162,7 +165,8 @@ def mask_density(
         nb = block_mask.shape[-1]
         if nvb < 1:
             raise ValueError(
-                f"num_video_tokens={num_video_tokens} holds no full block of block_size={block_size}"
+                f"num_video_tokens={num_video_tokens} holds no full block of "
+                f"block_size={block_size}"
             )
         if nvb > nb:
             raise ValueError(
@@ -196,9 +200,7 @@ def _distance_tables(
     keep = (exp <= 0) | (d % split == 0)
     # Band: w = max(2**bl(tpf) / 2**g * decay, bs) in float64, as Python computes it, then the
     # official int-vs-float comparison promotes to float32 -> effective width floor(float32(w)).
-    w = torch.ldexp(torch.ones((), dtype=torch.float64), torch.tensor(bl_tpf)) / torch.ldexp(
-        torch.ones((), dtype=torch.float64), group
-    )
+    w = float(2**bl_tpf) / torch.pow(2.0, group.to(torch.float64))  # exact powers of two
     w = torch.clamp(w * decay, min=float(bs))
     w = w.to(torch.float32).clamp(max=float(tpf)).floor().to(torch.int64)
     w = torch.where(d <= 1, torch.full_like(w, tpf), w)
@@ -218,11 +220,11 @@ def _block_patterns(
     w = width[:, None]
 
     def token_range(off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Local token range [lo, hi] that falls into each canvas block (empty if hi < lo).
+        # Local token range [lo, hi] that falls into each canvas block (empty if hi < lo). The
+        # official crop to K*bs is implicit: only the first K blocks are evaluated.
         off = off[:, None]
-        limit = torch.clamp(k * bs - off, max=tpf)  # crop to K*bs and to the frame
         lo = torch.clamp(blk * bs - off, min=0)
-        hi = torch.minimum((blk + 1) * bs - off, limit) - 1
+        hi = torch.clamp((blk + 1) * bs - off, max=tpf) - 1
         return lo, hi
 
     a0, a1 = token_range(rr)  # rows of each row block        [P, K]
@@ -282,12 +284,13 @@ def _cached_mask(
     u_w = uniq // (bs * bs)
     patterns = _block_patterns(u_w, u_rr, u_rc, tpf, bs, k)  # [P, K, K]
 
+    # Scatter (OR) every kept pair's pattern at its block offset; all written values are True,
+    # so duplicate indices are harmless and the result is deterministic.
     pair, a, b = patterns[inverse].nonzero(as_tuple=True)
-    rows = starts[qi][pair] // bs + a
-    cols = starts[kj][pair] // bs + b
-
-    mask = torch.zeros(nb, nb, dtype=torch.bool, device=device)
-    mask[rows, cols] = True
+    base = (starts[qi] // bs) * nb + starts[kj] // bs  # flat index of the pair's first block
+    mask = torch.zeros(nb * nb, dtype=torch.bool, device=device)
+    mask[base[pair] + a * nb + b] = True
+    mask = mask.view(nb, nb)
     mask[border:, :] = True
     mask[:, border:] = True
     return mask
