@@ -71,6 +71,7 @@ class TrainConfig:
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     gradient_checkpointing: bool = False
     timestep_shift: Optional[float] = None  # None: the family's default
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"  # before the shift
     ema: EmaConfig = field(default_factory=EmaConfig)
     log_every: int = 1
     checkpoint_every: int = 500

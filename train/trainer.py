@@ -9,6 +9,7 @@ generators seeded by (seed, step, micro-batch, rank), and the data order is a de
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -58,9 +59,11 @@ class Trainer:
         self.device = self.accelerator.device
         self.pos = _Position()
         self.geometries: dict[tuple[int, int, int], VideoGeometry] = {}
-        self._installed_for: Optional[VideoGeometry] = None
         self.router: Any = None
+        self.sp: Any = None  # SequenceParallel when parallel.sequence_parallel_size > 1
         self._pipeline: Any = None
+        self.decode_failures = 0
+        self._base_shape = (cfg.data.frames, cfg.data.height, cfg.data.width)
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -73,7 +76,8 @@ class Trainer:
         precision = cfg.train.mixed_precision
         if not torch.cuda.is_available() and precision != "no":
             precision = "no"  # CPU autocast in bf16 is slow and the Triton interpreter mishandles bf16
-        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        launched_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch / torchrun
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if launched_distributed and not torch.cuda.is_available() else []
         return Accelerator(
             mixed_precision=precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
@@ -167,11 +171,24 @@ class Trainer:
             self.geometries[key] = adapter.geometry(frames, height, width)
         return self.geometries[key]
 
-    def _ensure_attention(self, adapter: ModelAdapter, model: torch.nn.Module, geometry: VideoGeometry) -> None:
-        """(Re)install the attention processors when the clip shape (bucket) changes."""
-        if self._installed_for != geometry:
-            self.router = adapter.install_attention(self.accelerator.unwrap_model(model), self.cfg.attention, geometry)
-            self._installed_for = geometry
+    def _install_attention(self, adapter: ModelAdapter, model: torch.nn.Module, geometry: VideoGeometry) -> None:
+        """Sparse attention processors (once: the router follows the clip shape of every forward by itself),
+        and the sequence-parallel hooks when asked for."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        self.router = adapter.install_attention(unwrapped, self.cfg.attention, geometry)
+        if self.sp is not None:
+            from train import sequence_parallel
+
+            sequence_parallel.install(self.cfg.model.family, unwrapped, self.sp)
+            self.router.sequence_parallel = self.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.sp.dp_rank if self.sp is not None else self.accelerator.process_index
+
+    @property
+    def dp_size(self) -> int:
+        return self.sp.dp_size if self.sp is not None else self.accelerator.num_processes
 
     # ------------------------------------------------------------------------------------------------------------
     # the loop
@@ -182,7 +199,17 @@ class Trainer:
 
         self._prepare_run_dir()
         set_seed(cfg.train.seed)
-        adapter = get_adapter(cfg.model.family)(cfg.model.pretrained, cfg.model.revision, self._weight_dtype())
+        if cfg.parallel.sequence_parallel_size > 1:
+            from train.sequence_parallel import SequenceParallel
+
+            self.sp = SequenceParallel.create(cfg.parallel.sequence_parallel_size)
+        adapter = get_adapter(cfg.model.family)(
+            cfg.model.pretrained,
+            cfg.model.revision,
+            self._weight_dtype(),
+            shift=cfg.train.timestep_shift,
+            timestep_sampling=cfg.train.timestep_sampling,
+        )
         base_geometry = self._geometry(adapter, cfg.data.frames, cfg.data.height, cfg.data.width)
         dataset, _ = self._build_data(adapter)
         transformer, params = self._build_model(adapter)
@@ -193,8 +220,9 @@ class Trainer:
         transformer, optimizer, scheduler = self.accelerator.prepare(transformer, optimizer, scheduler)
         if ema is not None:
             self.accelerator.register_for_checkpointing(ema)
-        self._ensure_attention(adapter, transformer, base_geometry)
+        self._install_attention(adapter, transformer, base_geometry)
         encoders = adapter.load_encoders(self.device)
+        self.encoders = encoders
 
         resume = checkpointing.resolve_resume(self.run_dir, cfg.train.resume_from)
         if resume is not None:
@@ -230,13 +258,17 @@ class Trainer:
         losses, tokens, samples, densities, bad = [], 0, 0, [], False
         for micro in range(cfg.train.gradient_accumulation_steps):
             batch = next(loader)
+            self.decode_failures += len(batch.get("failed", []))
             with self.accelerator.accumulate(transformer):
-                loss, geometry = self._micro_step(adapter, transformer, encoders, batch, micro)
+                if batch_size(batch) == 0:  # every clip of the batch failed to decode (counted above)
+                    loss, geometry = torch.tensor(float("nan"), device=self.device), self.geometries[self._base_shape]
+                else:
+                    loss, geometry = self._micro_step(adapter, transformer, encoders, batch, micro)
                 finite = self._all_finite(loss)
                 if not finite:  # skip: a zero loss that still touches every trainable parameter keeps ranks in step
                     bad = True
                     loss = sum(p.sum() for p in params) * 0.0
-                self.accelerator.backward(loss)
+                self.accelerator.backward(loss * (self.sp.size if self.sp is not None else 1))
                 grad_norm = None
                 if self.accelerator.sync_gradients:
                     grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -265,7 +297,7 @@ class Trainer:
         else:
             self.pos.bad_in_a_row = 0
         dt = time.perf_counter() - t0
-        world = self.accelerator.num_processes
+        world = self.dp_size  # ranks of one sequence-parallel group work on the same samples
         stats = {
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -274,6 +306,7 @@ class Trainer:
             "tokens_per_s": tokens * world / dt,
             "attention_density": sum(densities) / len(densities) if densities else 1.0,
             "bad_steps": self.pos.bad_total,
+            "data/decode_failures": self.decode_failures,
         }
         if torch.cuda.is_available():
             stats["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -284,7 +317,6 @@ class Trainer:
         latents, cond = self._conditioning(adapter, encoders, batch)
         frames, height, width = clip_shape(batch)
         geometry = self._geometry(adapter, frames, height, width)
-        self._ensure_attention(adapter, transformer, geometry)
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, latents.dtype)
         sigmas = adapter.sample_sigmas(latents.shape[0], gen, torch.device("cpu")).to(self.device)
         noisy, timesteps, target = adapter.training_pair(latents, noise, sigmas)
@@ -296,7 +328,7 @@ class Trainer:
 
     def _noise_seed(self, micro: int) -> int:
         c = self.cfg
-        return (c.train.seed * 1_000_003 + self.pos.step * 1009 + micro * 101 + self.accelerator.process_index) % (2**63)
+        return (c.train.seed * 1_000_003 + self.pos.step * 1009 + micro * 101 + self.dp_rank) % (2**63)
 
     @torch.no_grad()
     def _conditioning(self, adapter, encoders, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -343,7 +375,6 @@ class Trainer:
         """Endless iterator over batches that records its position (epoch, batch) for resume."""
         from data.dataset import make_dataloader
 
-        accel = self.accelerator
 
         def batches() -> Iterator[dict]:
             while True:
@@ -353,8 +384,8 @@ class Trainer:
                     batch_size=self.cfg.train.batch_size,
                     seed=self.cfg.train.seed,
                     epoch=self.pos.epoch,
-                    rank=accel.process_index,
-                    world_size=accel.num_processes,
+                    rank=self.dp_rank,
+                    world_size=self.dp_size,
                     skip_batches=self.pos.batches_in_epoch,
                 )
                 for batch in loader:
@@ -467,11 +498,10 @@ class Trainer:
         frames, height, width = v.frames or c.data.frames, v.height or c.data.height, v.width or c.data.width
         unwrapped = self.accelerator.unwrap_model(transformer)
         if self._pipeline is None:
-            self._pipeline = adapter.load_pipeline(transformer=unwrapped)
+            self._pipeline = adapter.load_pipeline(transformer=unwrapped, encoders=self.encoders)
             self._pipeline.to(self.device)
             self._pipeline.set_progress_bar_config(disable=True)
-        geometry = self._geometry(adapter, frames, height, width)
-        self._ensure_attention(adapter, transformer, geometry)
+        self._geometry(adapter, frames, height, width)  # validates the validation shape
         was_training = unwrapped.training
         unwrapped.eval()
         videos: dict[str, Path] = {}
@@ -496,7 +526,6 @@ class Trainer:
                 videos[f"prompt-{i}"] = path
         if was_training:
             unwrapped.train()
-        self._ensure_attention(adapter, transformer, self.geometries[(c.data.frames, c.data.height, c.data.width)])
         tracking.log_videos(self.accelerator, c.tracking, step, videos, fps=c.data.fps)
         if self.is_main:
             self._print(f"validation videos -> {out_dir}")
@@ -531,13 +560,9 @@ class _FullModelWriter:
 
 
 def batch_size(batch: dict) -> int:
-    key = "latents" if "latents" in batch else "pixels"
-    return int(batch[key].shape[0])
+    return int(batch["batch_size"])
 
 
 def clip_shape(batch: dict) -> tuple[int, int, int]:
-    """Pixel (frames, height, width) of the clips of a batch (the cache stores them beside the latents)."""
-    if "pixels" in batch:
-        _, _, f, h, w = batch["pixels"].shape
-        return int(f), int(h), int(w)
+    """Pixel (frames, height, width) of the clips of a batch (the collate functions put it beside the tensors)."""
     return tuple(int(x) for x in batch["clip_shape"])  # type: ignore[return-value]

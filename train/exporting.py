@@ -1,0 +1,675 @@
+"""Turn a training checkpoint into files that diffusers and ComfyUI load (and, optionally, push them to the Hub).
+
+Output folder::
+
+    pytorch_lora_weights.safetensors   diffusers LoRA: ``transformer.<module>.lora_A/B.weight`` and the peft
+                                       LoraConfig JSON under the ``lora_adapter_metadata`` header entry
+                                       (what ``<Pipeline>.save_lora_weights`` writes), so alpha != rank survives
+    lora_comfyui.safetensors           ComfyUI LoRA: ``diffusion_model.<original module>.lora_A/B.weight`` with
+                                       alpha/rank baked in (sqrt of the scale on each factor) and no ``.alpha``
+                                       keys, so ComfyUI and diffusers' converters (which add no scale then) both
+                                       reproduce the trained model; fused original projections (qkv) get a
+                                       block-diagonal LoRA of rank n*r, which is exact
+    transformer/                       --merge (or a full fine-tune): base + LoRA merged, diffusers layout,
+                                       sharded safetensors
+    README.md                          model card
+    training_config.yaml               the resolved recipe of the run
+    training_meta.json                 the checkpoint's meta.json (family, attention, frames, steps ...)
+
+Everything is assembled in a hidden sibling folder and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: load_lora_weights(dir) prefers it
+COMFYUI_FILE = "lora_comfyui.safetensors"
+LORA_FORMATS = ("diffusers", "comfyui")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Diffusers class names per family (pipelines for LoRA writing / loading, transformers for merging).
+PIPELINE_CLASSES = {"wan": "WanPipeline", "hunyuan_video": "HunyuanVideoPipeline", "mochi": "MochiPipeline"}
+TRANSFORMER_CLASSES = {
+    "wan": "WanTransformer3DModel",
+    "hunyuan_video": "HunyuanVideoTransformer3DModel",
+    "mochi": "MochiTransformer3DModel",
+}
+
+FAMILY_NAMES = {"wan": "Wan2.1", "hunyuan_video": "HunyuanVideo", "mochi": "Mochi 1"}
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# arguments
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def parse_lora_formats(value: str | Sequence[str] | None) -> Optional[list[str]]:
+    """``"diffusers,comfyui"`` / a list -> validated list; ``"none"`` -> []; None -> None (the default set)."""
+    if value is None:
+        return None
+    items = [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(s).strip() for s in value]
+    items = [s for s in items if s]
+    if items == ["none"]:
+        return []
+    bad = [s for s in items if s not in LORA_FORMATS]
+    if bad or not items:
+        raise ValueError(f"--lora-format: expected a comma-separated subset of {', '.join(LORA_FORMATS)} (or none); got {value!r}")
+    return list(dict.fromkeys(items))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading a checkpoint
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint folder of a run (``final/`` or ``checkpoints/checkpoint-N``) and what it says about itself."""
+
+    folder: Path
+    meta: dict[str, Any]
+    config_path: Optional[Path]  # <run>/config.yaml when present
+
+    @property
+    def family(self) -> str:
+        return str(self.meta["family"])
+
+    @property
+    def mode(self) -> str:
+        return str(self.meta["mode"])
+
+    @property
+    def lora_path(self) -> Path:
+        return self.folder / "weights" / "lora.safetensors"
+
+    @property
+    def transformer_path(self) -> Path:
+        return self.folder / "weights" / "transformer"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A run folder (-> final/ if present, else the newest checkpoint) or a checkpoint folder."""
+    from train.checkpointing import list_checkpoints
+
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"--checkpoint: {root} does not exist")
+    if (root / "meta.json").is_file():
+        folder = root
+    elif (root / "final" / "meta.json").is_file():
+        folder = root / "final"
+    else:
+        found = [c for c in list_checkpoints(root) if (c / "meta.json").is_file()]
+        if not found:
+            raise ValueError(
+                f"--checkpoint: {root} holds no checkpoint (expected meta.json, final/meta.json or "
+                "checkpoints/checkpoint-<step>/meta.json)"
+            )
+        folder = found[-1]
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--checkpoint: {folder / 'meta.json'} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    _check_meta(meta, folder)
+    run_dir = folder.parent if folder.name == "final" else folder.parent.parent
+    config = run_dir / "config.yaml"
+    ckpt = Checkpoint(folder=folder, meta=meta, config_path=config if config.is_file() else None)
+    if ckpt.mode == "lora" and not ckpt.lora_path.is_file():
+        raise FileNotFoundError(f"--checkpoint: {ckpt.lora_path} is missing (meta.json says mode=lora)")
+    if ckpt.mode == "full" and not (ckpt.transformer_path / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint: {ckpt.transformer_path}/config.json is missing (meta.json says mode=full)")
+    return ckpt
+
+
+def _check_meta(meta: Any, folder: Path) -> None:
+    where = folder / "meta.json"
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    for key in ("family", "mode", "pretrained"):
+        if key not in meta:
+            raise ValueError(f"{where}: missing key '{key}'")
+    if meta["family"] not in PIPELINE_CLASSES:
+        raise ValueError(f"{where}: family: expected one of {', '.join(PIPELINE_CLASSES)}; got {meta['family']!r}")
+    if meta["mode"] not in ("lora", "full"):
+        raise ValueError(f"{where}: mode: expected lora or full; got {meta['mode']!r}")
+    if meta["mode"] == "lora":
+        lora = meta.get("lora")
+        if not isinstance(lora, dict) or "rank" not in lora or "alpha" not in lora:
+            raise ValueError(f"{where}: lora: expected an object with rank, alpha and target_modules")
+
+
+def load_lora_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The peft state dict of the checkpoint (fp32), checked to hold only complete lora_A/lora_B pairs."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpt.lora_path))
+    check_lora_state(state, rank=int(ckpt.meta["lora"]["rank"]), source=str(ckpt.lora_path))
+    return state
+
+
+def check_lora_state(state: Mapping[str, torch.Tensor], *, rank: Optional[int] = None, source: str = "LoRA state") -> list[str]:
+    """Module names of a peft LoRA state dict; raises on keys that are not plain LoRA pairs."""
+    if not state:
+        raise ValueError(f"{source}: holds no LoRA tensors")
+    halves: dict[str, set[str]] = {}
+    for key, value in state.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            raise ValueError(
+                f"{source}: unsupported key {key!r} (expected <module>.lora_A.weight / <module>.lora_B.weight; "
+                "DoRA, LoRA bias and adapter-named keys are not exported)"
+            )
+        halves.setdefault(m["module"], set()).add(m["ab"])
+        if value.ndim != 2:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}; expected a 2-D LoRA factor")
+        r = value.shape[0] if m["ab"] == "A" else value.shape[1]
+        if rank is not None and r != rank:
+            raise ValueError(f"{source}: {key} has rank {r}, but meta.json says lora.rank={rank}")
+    for module, ab in halves.items():
+        if ab != {"A", "B"}:
+            raise ValueError(f"{source}: module {module!r} has lora_{''.join(sorted(ab))} only; both lora_A and lora_B are needed")
+    return sorted(halves)
+
+
+def peft_lora_config(lora_meta: Mapping[str, Any]) -> Any:
+    """The peft LoraConfig the trainer used (same arguments as ``transformer.add_adapter`` in the trainer)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=int(lora_meta["rank"]),
+        lora_alpha=float(lora_meta["alpha"]),
+        lora_dropout=float(lora_meta.get("dropout", 0.0)),
+        target_modules=list(lora_meta.get("target_modules") or []),
+        init_lora_weights=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffusers LoRA
+
+
+def diffusers_lora_state(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """peft keys -> the keys ``load_lora_weights`` expects: ``transformer.`` + the diffusers module name."""
+    return {f"transformer.{k}": v.detach().to("cpu", dtype, copy=True).contiguous() for k, v in state.items()}
+
+
+def write_diffusers_lora(
+    out_dir: Path, family: str, state: Mapping[str, torch.Tensor], lora_meta: Mapping[str, Any], dtype: torch.dtype
+) -> Path:
+    """Write through the family pipeline's own ``save_lora_weights`` so the file is exactly what diffusers writes."""
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[family])
+    layers = {k: v.detach().to("cpu", dtype, copy=True).contiguous() for k, v in state.items()}
+    pipeline_cls.save_lora_weights(
+        str(out_dir),
+        transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=peft_lora_config(lora_meta).to_dict(),
+        weight_name=LORA_FILE,
+        safe_serialization=True,
+    )
+    return out_dir / LORA_FILE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ComfyUI LoRA
+
+
+def _qkv_rank(module: str) -> int:
+    """Position of a projection inside a fused original weight: q, k, v, then the rest (e.g. the MLP of linear1)."""
+    leaf = module.rsplit(".", 1)[-1]
+    for pos, names in enumerate((("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj"))):
+        if leaf in names:
+            return pos
+    return 3
+
+
+@dataclass
+class ComfyGroup:
+    """One original (ComfyUI) module and the diffusers modules whose weights it concatenates along the output axis."""
+
+    name: str
+    members: list[str] = field(default_factory=list)
+
+
+def comfyui_groups(
+    trained: Iterable[str], comfyui_key: Callable[[str], Optional[str]], all_linear: Optional[Mapping[str, int]] = None
+) -> dict[str, ComfyGroup]:
+    """Group trained diffusers modules by original name; ``all_linear`` (module -> out features of the base
+    transformer) adds untrained siblings of fused weights, which get zero rows."""
+    trained = list(trained)
+    missing = [m for m in trained if comfyui_key(m) is None]
+    if missing:
+        raise ValueError(f"ComfyUI format: no original (ComfyUI) name for trained module(s) {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}; export with --lora-format diffusers")
+    groups: dict[str, ComfyGroup] = {}
+    for m in trained:
+        key = comfyui_key(m)
+        groups.setdefault(key, ComfyGroup(key)).members.append(m)  # type: ignore[arg-type]
+    if all_linear is not None:
+        for m in all_linear:
+            key = comfyui_key(m)
+            if key in groups and m not in groups[key].members:
+                groups[key].members.append(m)
+    order = {m: i for i, m in enumerate(all_linear or trained)}
+    for g in groups.values():
+        g.members.sort(key=lambda m: (_qkv_rank(m), order.get(m, 0)))
+    return groups
+
+
+def comfyui_lora_state(
+    state: Mapping[str, torch.Tensor],
+    *,
+    alpha: float,
+    comfyui_key: Callable[[str], Optional[str]],
+    dtype: torch.dtype,
+    all_linear: Optional[Mapping[str, int]] = None,
+) -> dict[str, torch.Tensor]:
+    """``diffusion_model.<original>.lora_A/B.weight`` with the scale baked in: B' A' = (alpha/rank) B A per module.
+
+    Baking (rather than ``.alpha`` keys) is what loads everywhere: ComfyUI uses scale 1 without ``.alpha``, and
+    diffusers' HunyuanVideo converter cannot carry ``.alpha`` keys. A fused original weight (e.g. HunyuanVideo
+    ``img_attn_qkv``) gets A = [A_q; A_k; A_v] and a block-diagonal B (rank n*r); untrained parts get zero rows.
+    """
+    modules = check_lora_state(state)
+    groups = comfyui_groups(modules, comfyui_key, all_linear)
+    out: dict[str, torch.Tensor] = {}
+    for name, group in sorted(groups.items()):
+        a_parts: list[Optional[torch.Tensor]] = []
+        b_parts: list[tuple[str, Optional[torch.Tensor]]] = []
+        rank = 0
+        for m in group.members:
+            if f"{m}.lora_A.weight" in state:
+                a, b = state[f"{m}.lora_A.weight"].double(), state[f"{m}.lora_B.weight"].double()
+                rank = a.shape[0]
+                a_parts.append(a)
+                b_parts.append((m, b))
+            else:
+                a_parts.append(None)
+                b_parts.append((m, None))
+        if len(group.members) == 1:
+            a_full, b_full = a_parts[0], b_parts[0][1]
+        else:
+            in_features = {a.shape[1] for a in a_parts if a is not None}
+            if len(in_features) != 1:
+                raise ValueError(f"ComfyUI format: modules {group.members} fused into {name!r} have different input sizes")
+            n_in = in_features.pop()
+            a_full = torch.cat([a if a is not None else torch.zeros(rank, n_in, dtype=torch.float64) for a in a_parts], dim=0)
+            rows = []
+            for i, (m, b) in enumerate(b_parts):
+                if b is None:
+                    if all_linear is None or m not in all_linear:
+                        raise ValueError(f"ComfyUI format: output size of untrained module {m!r} (part of {name!r}) unknown")
+                    b = torch.zeros(all_linear[m], rank, dtype=torch.float64)
+                block = torch.zeros(b.shape[0], rank * len(group.members), dtype=torch.float64)
+                block[:, i * rank : (i + 1) * rank] = b
+                rows.append(block)
+            b_full = torch.cat(rows, dim=0)
+        root = math.sqrt(float(alpha) / rank)  # the same factor on both: neither gets extreme in bf16
+        out[f"diffusion_model.{name}.lora_A.weight"] = (a_full * root).to(dtype).contiguous()
+        out[f"diffusion_model.{name}.lora_B.weight"] = (b_full * root).to(dtype).contiguous()
+    return out
+
+
+def linear_out_features(family: str, pretrained: str, revision: Optional[str] = None) -> Optional[dict[str, int]]:
+    """Output sizes of every nn.Linear of the base transformer, from its config alone (no weights are read).
+
+    None when the config can't be found (offline and not cached); fused ComfyUI weights then need every part trained.
+    """
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers, TRANSFORMER_CLASSES[family])
+    try:
+        config = cls.load_config(pretrained, subfolder="transformer", revision=revision)
+    except Exception:  # noqa: BLE001 - offline / not cached: the caller degrades gracefully
+        return None
+    with init_empty_weights():
+        skeleton = cls.from_config(config)
+    return {n: m.out_features for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+
+
+def write_comfyui_lora(
+    out_dir: Path,
+    state: Mapping[str, torch.Tensor],
+    lora_meta: Mapping[str, Any],
+    adapter: Any,
+    dtype: torch.dtype,
+    all_linear: Optional[Mapping[str, int]] = None,
+) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = comfyui_lora_state(
+        state, alpha=float(lora_meta["alpha"]), comfyui_key=adapter.comfyui_key, dtype=dtype, all_linear=all_linear
+    )
+    # No lora_adapter_metadata here: the scale is baked in, and diffusers would apply alpha/rank again.
+    meta = {"format": "pt", "base_model": str(adapter.pretrained), "trained_rank": str(lora_meta["rank"]),
+            "trained_alpha": str(lora_meta["alpha"]), "alpha_baked_in": "true"}
+    path = out_dir / COMFYUI_FILE
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _comfyui_unavailable(adapter: Any, modules: Iterable[str]) -> Optional[str]:
+    """Why no ComfyUI file can be written (None when it can): a partial file would not reproduce the model."""
+    missing = [m for m in modules if adapter.comfyui_key(m) is None]
+    if not missing:
+        return None
+    return (f"{adapter.family} has no original (ComfyUI) name for {len(missing)} trained module(s), e.g. "
+            f"{missing[0]!r}; use the diffusers file")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# merged / full transformer
+
+
+def merge_lora(transformer: nn.Module, state: Mapping[str, torch.Tensor], lora_meta: Mapping[str, Any]) -> nn.Module:
+    """Load the LoRA through diffusers' own ``load_lora_adapter`` and fuse it (peft ``merge``) in fp32; the merged
+    modules return to the dtype the base was loaded in."""
+    modules = check_lora_state(state)
+    dtypes = {}
+    for name in modules:  # merge in fp32 even when the base is stored in bf16
+        sub = transformer.get_submodule(name)
+        dtypes[name] = next(sub.parameters()).dtype
+        sub.to(torch.float32)
+    transformer.load_lora_adapter(
+        diffusers_lora_state(state, torch.float32),
+        prefix="transformer",
+        adapter_name="export",
+        metadata={f"transformer.{k}": v for k, v in peft_lora_config(lora_meta).to_dict().items()},
+    )
+    transformer.fuse_lora(lora_scale=1.0, adapter_names=["export"])
+    transformer.unload_lora()
+    left = [n for n, _ in transformer.named_parameters() if "lora_" in n]
+    if left:
+        raise RuntimeError(f"merge left LoRA parameters behind: {left[:3]}")
+    for name, original in dtypes.items():  # back to the dtype the base was loaded in (keep-in-fp32 modules untouched)
+        transformer.get_submodule(name).to(original)
+    return transformer
+
+
+def load_full_transformer(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+    import diffusers
+
+    cls_name = json.loads((ckpt.transformer_path / "config.json").read_text()).get("_class_name") or TRANSFORMER_CLASSES[ckpt.family]
+    cls = getattr(diffusers, cls_name)
+    return cls.from_pretrained(str(ckpt.transformer_path), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model card
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name or "")) and not Path(name).exists()
+
+
+def model_card(ckpt: Checkpoint, files: Mapping[str, bool], repo_id: Optional[str] = None, local: Optional[Path] = None) -> str:
+    """README.md for the export folder / Hub repo: what was trained and how to load it."""
+    meta = ckpt.meta
+    family, base = ckpt.family, str(meta["pretrained"])
+    att = meta.get("attention") or {}
+    data = meta.get("data") or {}
+    train = meta.get("train") or {}
+    lora = meta.get("lora") or {}
+    pipe_cls, tr_cls = PIPELINE_CLASSES[family], TRANSFORMER_CLASSES[family]
+    att_type = str(att.get("type", "dense"))
+    where = repo_id or str(local or "<this folder>")
+    tags = ["text-to-video", "diffusers", family, "longvideo-sparse-ft", f"{att_type}-attention"]
+    if files.get("diffusers") or files.get("comfyui"):
+        tags.append("lora")
+    front = ["---", "library_name: diffusers", "pipeline_tag: text-to-video"]
+    if _is_hub_id(base):
+        front.append(f"base_model: {base}")
+    front.append("tags:")
+    front += [f"- {t}" for t in tags]
+    front.append("---")
+
+    if att_type == "radial":
+        sink = att.get("attention_sink")
+        att_params = f"decay_factor={att.get('decay_factor')}, attention_sink={'family default' if sink is None else sink}"
+    elif att_type == "svg2":
+        att_params = (f"num_q_clusters={att.get('num_q_clusters')}, num_k_clusters={att.get('num_k_clusters')}, "
+                      f"top_p={att.get('top_p')}, min_kc_ratio={att.get('min_kc_ratio')}")
+    else:
+        att_params = "-"
+    frames, height, width = data.get("frames"), data.get("height"), data.get("width")
+    rows = [
+        ("base model", f"`{base}`" + (f" (revision `{meta['revision']}`)" if meta.get("revision") else "")),
+        ("family", family),
+        ("training", "LoRA" if ckpt.mode == "lora" else "full fine-tune"),
+    ]
+    if ckpt.mode == "lora":
+        rows.append(("LoRA", f"rank {lora.get('rank')}, alpha {lora.get('alpha')}, targets {', '.join(map(str, lora.get('target_modules') or []))}"))
+    rows += [
+        ("attention", f"{att_type} (block size {att.get('block_size')}, first {att.get('dense_layers', 0)} blocks dense; {att_params})"),
+        ("clips", f"{frames} frames, {height}x{width}, {data.get('fps')} fps"),
+        ("steps", f"{meta.get('step')} of {train.get('max_steps')} (lr {train.get('learning_rate')}, batch {train.get('batch_size')} x {meta.get('world_size', 1)} GPU(s), ZeRO stage {meta.get('zero_stage', 0)})"),
+        ("dataset", f"`{data.get('path')}`"),
+    ]
+    if meta.get("ema"):
+        rows.append(("weights", "EMA of the trained weights"))
+
+    lines = front + [
+        "",
+        f"# {FAMILY_NAMES[family]} long-video fine-tune with {att_type} attention",
+        "",
+        f"Fine-tuned from `{base}` with longvideo-sparse-ft on {frames}-frame clips "
+        f"at {height}x{width}, with {att_type} block-sparse attention in the video self-attention.",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Files", ""]
+    if files.get("diffusers"):
+        lines.append(f"- `{LORA_FILE}`: LoRA for diffusers (`{pipe_cls}.load_lora_weights`); the LoRA config is in the "
+                     "`lora_adapter_metadata` header.")
+    if files.get("comfyui"):
+        lines.append(f"- `{COMFYUI_FILE}`: the same LoRA with original module names (`diffusion_model.` prefix, alpha/rank "
+                     "baked into the weights) for ComfyUI: copy it to `ComfyUI/models/loras/` and load it at strength 1.0.")
+    if files.get("transformer"):
+        lines.append(f"- `transformer/`: the {'merged (base + LoRA)' if ckpt.mode == 'lora' else 'fine-tuned'} transformer "
+                     f"in diffusers layout (`{tr_cls}.from_pretrained(..., subfolder=\"transformer\")`).")
+    lines.append("- `training_config.yaml`, `training_meta.json`: the resolved training recipe and checkpoint facts.")
+    lines += ["", "## Use with diffusers", "", "```python", "import torch", f"from diffusers import {pipe_cls}"
+              + (f", {tr_cls}" if files.get("transformer") else ""), ""]
+    if files.get("transformer"):
+        lines += [f'transformer = {tr_cls}.from_pretrained("{where}", subfolder="transformer", dtype=torch.bfloat16)',
+                  f'pipe = {pipe_cls}.from_pretrained("{base}", transformer=transformer, dtype=torch.bfloat16)']
+        if files.get("diffusers"):
+            lines += [f'# or the base model plus the LoRA file: {pipe_cls}.from_pretrained("{base}", ...).load_lora_weights("{where}")']
+    else:
+        lines += [f'pipe = {pipe_cls}.from_pretrained("{base}", dtype=torch.bfloat16)',
+                  f'pipe.load_lora_weights("{where}")']
+    lines += ['pipe.to("cuda")',
+              f'video = pipe(prompt="...", num_frames={frames}, height={height}, width={width}).frames[0]',
+              "```", "",
+              "Plain diffusers attention is dense. The weights were trained for "
+              f"{att_type} attention; to generate with the same sparse attention, use this project's sampler:", "",
+              "```bash"]
+    if ckpt.mode == "lora" and (files.get("diffusers") or files.get("comfyui")):
+        weights_arg, weights_kw = f" --lora {where}", f', lora="{where}"'
+    elif files.get("transformer"):
+        weights_arg, weights_kw = f" --transformer {where}", f', transformer="{where}"'
+    else:
+        weights_arg, weights_kw = "", ""
+    dense = f" --dense-layers {att.get('dense_layers', 0)}" if att.get("dense_layers") else ""
+    if att_type == "radial":
+        extra = f" --decay-factor {att.get('decay_factor')}"
+        if att.get("attention_sink") is not None:
+            extra += f" --attention-sink {str(att.get('attention_sink')).lower()}"
+    elif att_type == "svg2":
+        extra = (f" --num-q-clusters {att.get('num_q_clusters')} --num-k-clusters {att.get('num_k_clusters')}"
+                 f" --top-p {att.get('top_p')} --min-kc-ratio {att.get('min_kc_ratio')}")
+    else:
+        extra = ""
+    py_att = f'attention="{att_type}", block_size={att.get("block_size")}, dense_layers={att.get("dense_layers", 0)}'
+    if att_type == "radial":
+        py_att += f", decay_factor={att.get('decay_factor')}"
+    elif att_type == "svg2":
+        py_att += f", top_p={att.get('top_p')}"
+    lines += [f'python train/sample.py --model {base}{weights_arg} --attention {att_type}{extra}{dense} '
+              f'--block-size {att.get("block_size")} --frames {frames} --height {height} --width {width} '
+              '--prompt "..." --out video.mp4',
+              "```", "",
+              "`--dense-steps N` keeps the first N denoising steps dense (as the Radial Attention paper does at inference); "
+              "the sampler prints the time per step and the attention density. From Python:", "",
+              "```python", "from train.sampling import SampleOptions, generate", "",
+              f'generate(SampleOptions(model="{base}"{weights_kw}, prompt="...", frames={frames}, height={height}, width={width},',
+              f'                       {py_att}, out="video.mp4"))',
+              "```", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the whole export
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    files: list[str]
+    hub_url: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output: {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise ValueError(f"--output: {output} is not empty; pass --force to replace it")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    merge: bool = False,
+    lora_formats: str | Sequence[str] | None = None,
+    dtype: str = "bf16",
+    force: bool = False,
+    push_to_hub: Optional[str] = None,
+    private: bool = False,
+    hub_api: Any = None,
+    max_shard_size: str | int = "5GB",
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Export a run / checkpoint folder to ``output`` (see the module docstring); returns what was written.
+
+    ``lora_formats``: None means both. The ComfyUI file is written where the family has original names for
+    every trained module (and the base config gives the fused layouts); otherwise it is skipped with a note
+    (``ExportResult.notes``), since a partial file would not reproduce the trained model.
+    """
+    torch_dtype = parse_dtype(dtype)
+    formats = parse_lora_formats(lora_formats)
+    if push_to_hub is not None:
+        from train.hub import check_repo_id
+
+        check_repo_id(push_to_hub)
+    output = Path(output)
+    _check_output(output, force)
+    ckpt = resolve_checkpoint(checkpoint)
+    if ckpt.mode == "lora" and formats == [] and not merge:
+        raise ValueError("--lora-format none without --merge leaves nothing to export")
+    from train.models import get_adapter
+
+    adapter = get_adapter(ckpt.family)(str(ckpt.meta["pretrained"]), ckpt.meta.get("revision"), torch_dtype)
+    notes: list[str] = []
+    log(f"exporting {ckpt.folder} ({ckpt.family}, {ckpt.mode}, step {ckpt.meta.get('step')}) -> {output}")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".tmp-export-{output.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    written = {"diffusers": False, "comfyui": False, "transformer": False}
+    try:
+        if ckpt.mode == "lora":
+            state = load_lora_state(ckpt)
+            lora_meta = ckpt.meta["lora"]
+            modules = check_lora_state(state)
+            if formats is None:
+                formats = list(LORA_FORMATS)
+            if "diffusers" in formats:
+                write_diffusers_lora(tmp, ckpt.family, state, lora_meta, torch_dtype)
+                written["diffusers"] = True
+            if "comfyui" in formats:
+                skip = _comfyui_unavailable(adapter, modules)
+                all_linear = None
+                if skip is None:
+                    all_linear = linear_out_features(ckpt.family, str(ckpt.meta["pretrained"]), ckpt.meta.get("revision"))
+                    if all_linear is None:
+                        skip = (f"the base transformer config of {ckpt.meta['pretrained']!r} cannot be read (offline?), "
+                                "and the ComfyUI layout of fused weights needs it")
+                if skip is None:
+                    write_comfyui_lora(tmp, state, lora_meta, adapter, torch_dtype, all_linear)
+                    written["comfyui"] = True
+                else:
+                    notes.append(f"ComfyUI LoRA skipped: {skip}")
+            if merge:
+                log(f"merging the LoRA into {ckpt.meta['pretrained']} ...")
+                transformer = merge_lora(adapter.load_transformer(), state, lora_meta)
+                transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True, max_shard_size=max_shard_size)
+                written["transformer"] = True
+                del transformer
+        else:
+            if formats:
+                notes.append("a full fine-tune has no LoRA; --lora-format ignored")
+            transformer = load_full_transformer(ckpt, torch_dtype)
+            transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True, max_shard_size=max_shard_size)
+            written["transformer"] = True
+            del transformer
+        if ckpt.config_path is not None:
+            shutil.copyfile(ckpt.config_path, tmp / "training_config.yaml")
+        else:
+            notes.append("no config.yaml beside the checkpoint: training_config.yaml not written")
+        (tmp / "training_meta.json").write_text(json.dumps(ckpt.meta, indent=2, sort_keys=True))
+        (tmp / "README.md").write_text(model_card(ckpt, written, repo_id=push_to_hub, local=output))
+        if not force:
+            _check_output(output, force)  # someone may have filled it meanwhile
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file())
+    result = ExportResult(output=output, files=files, notes=notes)
+    for note in notes:
+        log(f"note: {note}")
+    log("wrote " + ", ".join(files))
+    if push_to_hub:
+        from train.hub import HubError, push_folder
+
+        try:
+            result.hub_url = push_folder(output, push_to_hub, private=private, api=hub_api)
+        except HubError as err:
+            raise HubError(f"{err} (the export itself is complete in {output})") from None
+        log(f"pushed to {result.hub_url}")
+    return result

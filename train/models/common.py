@@ -1,0 +1,222 @@
+"""Small pieces the HunyuanVideo and Mochi adapters share: input checks, geometry, config reading, the
+router step hook and atomic pipeline writing. Family knowledge stays in the adapter files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from train.models.base import VideoGeometry
+
+#: diffusers pipeline class -> our family name (for "this folder is another family" messages).
+PIPELINE_FAMILIES = {"WanPipeline": "wan", "HunyuanVideoPipeline": "hunyuan_video", "MochiPipeline": "mochi"}
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``{"dtype": d}`` where diffusers takes it (0.36+), ``{"torch_dtype": d}`` on older versions."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The diffusers model inside DDP / DeepSpeed / torch.compile wrappers (for its config and blocks)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _nearest(value: int, multiple: int, offset: int = 0) -> str:
+    lo = (value - offset) // multiple * multiple + offset
+    return " or ".join(str(v) for v in (lo, lo + multiple) if v >= max(offset, 1))
+
+
+def video_geometry(
+    frames: int, height: int, width: int, *, t_factor: int, s_factor: int, patch: int, family: str
+) -> VideoGeometry:
+    """Token layout of a clip; ValueError naming frames/height/width and the nearest valid values."""
+    for arg, value in (("frames", frames), ("height", height), ("width", width)):
+        check_int(arg, value)
+    if frames < 1 or (frames - 1) % t_factor:
+        raise ValueError(
+            f"frames must be of the form {t_factor}k+1 for {family} (VAE temporal factor {t_factor}), got {frames}; "
+            f"nearest valid: {_nearest(max(frames, 1), t_factor, 1)}"
+        )
+    multiple = s_factor * patch
+    for arg, value in (("height", height), ("width", width)):
+        if value < multiple or value % multiple:
+            raise ValueError(
+                f"{arg} must be a positive multiple of {multiple} for {family} (VAE factor {s_factor} x patch "
+                f"{patch}), got {value}; nearest valid: {_nearest(max(value, multiple), multiple)}"
+            )
+    lh, lw = height // s_factor, width // s_factor
+    return VideoGeometry(
+        frames=frames,
+        height=height,
+        width=width,
+        latent_frames=(frames - 1) // t_factor + 1,
+        latent_height=lh,
+        latent_width=lw,
+        tokens_per_frame=(lh // patch) * (lw // patch),
+    )
+
+
+def is_local_path(pretrained: str) -> bool:
+    """A folder path rather than a Hub id (``name`` or ``org/name``)."""
+    return (
+        os.path.exists(os.path.expanduser(pretrained))
+        or pretrained.startswith((".", "/", "~"))
+        or pretrained.count("/") > 1
+        or "\\" in pretrained
+    )
+
+
+def read_model_index(pretrained: Any, revision: Optional[str], expected: str) -> dict:
+    """model_index.json of ``pretrained`` (local folder or Hub id), checked to hold an ``expected`` pipeline."""
+    from diffusers import DiffusionPipeline
+
+    if not isinstance(pretrained, (str, os.PathLike)) or not str(pretrained).strip():
+        raise ValueError("model.pretrained is empty: give a Hub id (org/name) or a local diffusers pipeline folder")
+    pretrained = str(pretrained)
+    if is_local_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"model.pretrained: folder {pretrained!r} does not exist")
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"model.pretrained: {pretrained!r} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = DiffusionPipeline.load_config(pretrained, revision=revision)
+    except Exception as err:  # noqa: BLE001 - hub / network / json errors all mean the same to the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"model.pretrained: cannot read model_index.json of {pretrained!r} (revision {revision!r}; a wrong id, "
+            f"or offline without a cached copy?): {type(err).__name__}: {first}"
+        ) from err
+    found = index.get("_class_name")
+    if found != expected:
+        family = PIPELINE_FAMILIES.get(found)
+        hint = f" of family {family!r} (set model.family: {family})" if family else ""
+        raise ValueError(f"model.pretrained: {pretrained!r} holds a {found!r} pipeline{hint}, not a {expected}")
+    return dict(index)
+
+
+def read_component_config(cls: Any, pretrained: str, subfolder: str, revision: Optional[str]) -> dict:
+    try:
+        return dict(cls.load_config(pretrained, subfolder=subfolder, revision=revision))
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"model.pretrained: cannot read {subfolder}/config.json of {pretrained!r}: {err}") from err
+
+
+def shifted_uniform(batch: int, shift: float, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """u ~ U(0, 1) through the flow-matching shift s = shift*u / (1 + (shift-1)*u), kept inside (0, 1)."""
+    check_int("batch", batch)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float32)
+    sigma = shift * u / (1.0 + (shift - 1.0) * u)
+    return sigma.clamp(1e-4, 1.0 - 1e-4).to(device)
+
+
+def check_shift(shift: Optional[float], default: float) -> float:
+    if shift is None:
+        return default
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+        raise ValueError(f"train.timestep_shift must be a number > 0, got {shift!r}")
+    return float(shift)
+
+
+def broadcast_sigmas(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """sigmas [B] as [B, 1, 1, 1, 1] float32, after checking the shapes of a training pair."""
+    if latents.shape != noise.shape:
+        raise ValueError(f"latents {tuple(latents.shape)} and noise {tuple(noise.shape)} must have the same shape")
+    if sigmas.dim() != 1 or sigmas.shape[0] != latents.shape[0]:
+        raise ValueError(f"sigmas must be [B] = [{latents.shape[0]}], got {tuple(sigmas.shape)}")
+    return sigmas.to(latents.device, torch.float32).view(-1, *([1] * (latents.dim() - 1)))
+
+
+def write_pipeline_atomically(pipe: Any, out_dir: str | os.PathLike) -> str:
+    """save_pretrained into a temporary sibling folder, then rename it to ``out_dir`` (nothing half-written)."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"save_tiny_random: {str(out)!r} exists and is not an empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)
+
+
+# -- router step hook ----------------------------------------------------------------------------------------
+
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+class StepHook:
+    """Forward pre-hook: one router step per transformer forward, the router's geometry taken from the latents
+    (``[B, C, T, H, W]``), so buckets and validation sizes need no extra call."""
+
+    def __init__(self, router: Any, from_latents: Callable[[tuple[int, ...]], VideoGeometry]) -> None:
+        self.router, self.from_latents = router, from_latents
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(hidden, torch.Tensor) and hidden.dim() == 5:
+            g = self.router.geometry
+            if (g.latent_frames, g.latent_height, g.latent_width) != tuple(hidden.shape[2:]):
+                self.router.set_geometry(self.from_latents(tuple(hidden.shape)))
+        self.router.begin_step()
+
+
+def set_step_hook(model: nn.Module, hook: Optional[StepHook]) -> None:
+    """Replace ``model``'s step hook by ``hook`` (None: just remove it)."""
+    old = _HOOKS.pop(model, None)
+    if old is not None:
+        old.remove()
+    if hook is not None:
+        _HOOKS[model] = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+# -- argument checks -----------------------------------------------------------------------------------------
+
+
+def check_pixels(pixels: Any) -> None:
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5 or pixels.shape[1] != 3:
+        raise ValueError(f"pixels must be a [B, 3, F, H, W] tensor in [-1, 1], got {getattr(pixels, 'shape', type(pixels))}")
+
+
+def check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts is empty")
+    return list(prompts)
+
+
+def check_cond(cond: Any, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if not isinstance(cond, dict) or k not in cond]
+    if missing:
+        raise ValueError(f"cond is missing {missing}; pass what encode_prompts returned")

@@ -1,0 +1,346 @@
+"""Generate a video with a family's diffusers pipeline and this project's sparse attention swapped in.
+
+As in the Radial Attention paper's inference, the first ``dense_steps`` denoising steps and the first
+``dense_layers`` transformer blocks keep dense attention; the rest use the trained sparse pattern. The dense
+steps are switched through the pipeline's ``callback_on_step_end`` extension point and the router's
+``force_dense`` switch; the dense layers through ``AttentionConfig.dense_layers``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from train.exporting import DTYPES, PIPELINE_CLASSES, TRANSFORMER_CLASSES
+
+ATTENTION_TYPES = ("radial", "svg2", "dense")
+FAMILY_OF_PIPELINE = {cls: family for family, cls in PIPELINE_CLASSES.items()}
+DEFAULT_FPS = {"wan": 16.0, "hunyuan_video": 24.0, "mochi": 30.0}
+
+
+@dataclass
+class SampleOptions:
+    model: str  # Hub id or local diffusers pipeline folder (model_index.json)
+    prompt: str
+    out: str = "video.mp4"
+    lora: Optional[str] = None  # folder / Hub id / .safetensors loadable by <Pipeline>.load_lora_weights
+    lora_scale: float = 1.0
+    transformer: Optional[str] = None  # a fine-tuned transformer (export folder with transformer/, or the folder itself)
+    family: Optional[str] = None  # needed only when the family can't be read from model_index.json
+    revision: Optional[str] = None
+    negative_prompt: Optional[str] = None
+    frames: int = 81
+    height: int = 480
+    width: int = 832
+    fps: Optional[float] = None  # None: the family's native rate
+    attention: str = "radial"
+    dense_steps: int = 0
+    dense_layers: int = 0
+    block_size: int = 128
+    decay_factor: float = 1.0
+    attention_sink: Optional[bool] = None
+    num_q_clusters: int = 100  # svg2
+    num_k_clusters: int = 500
+    top_p: float = 0.9
+    min_kc_ratio: float = 0.1
+    backend: str = "auto"
+    steps: int = 50
+    guidance_scale: Optional[float] = None  # None: the pipeline's default
+    seed: int = 0
+    dtype: Optional[str] = None  # None: bf16 on CUDA, fp32 on CPU
+    device: Optional[str] = None
+
+
+@dataclass
+class SampleResult:
+    path: Path
+    family: str
+    step_seconds: list[float] = field(default_factory=list)
+    step_density: list[float] = field(default_factory=list)  # mean block density of the sparse layers per step
+    step_dense: list[bool] = field(default_factory=list)  # the step ran dense (dense_steps)
+    num_frames: int = 0
+    total_seconds: float = 0.0
+
+    @property
+    def mean_step_seconds(self) -> float:
+        return float(np.mean(self.step_seconds)) if self.step_seconds else 0.0
+
+    @property
+    def sparse_density(self) -> float:
+        """Mean density of the sparse layers over the sparse steps (1.0 when everything ran dense)."""
+        vals = [d for d, dense in zip(self.step_density, self.step_dense) if not dense]
+        return float(np.mean(vals)) if vals else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks and resolution
+
+
+def check_options(opts: SampleOptions) -> None:
+    if opts.attention not in ATTENTION_TYPES:
+        raise ValueError(f"--attention: expected one of {', '.join(ATTENTION_TYPES)}; got {opts.attention!r}")
+    for name in ("frames", "height", "width", "steps", "block_size"):
+        value = getattr(opts, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value!r}")
+    for name in ("dense_steps", "dense_layers"):
+        value = getattr(opts, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")
+    for name in ("num_q_clusters", "num_k_clusters"):
+        value = getattr(opts, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value!r}")
+    if not 0 < opts.top_p <= 1:
+        raise ValueError(f"--top-p: expected a value in (0, 1], got {opts.top_p}")
+    if not 0 <= opts.min_kc_ratio <= 1:
+        raise ValueError(f"--min-kc-ratio: expected a value in [0, 1], got {opts.min_kc_ratio}")
+    if opts.decay_factor <= 0:
+        raise ValueError(f"--decay-factor: expected a positive number, got {opts.decay_factor}")
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}; got {opts.dtype!r}")
+    if opts.family is not None and opts.family not in PIPELINE_CLASSES:
+        raise ValueError(f"--family: expected one of {', '.join(PIPELINE_CLASSES)}; got {opts.family!r}")
+    if opts.fps is not None and opts.fps <= 0:
+        raise ValueError(f"--fps: expected a positive number, got {opts.fps}")
+    if not str(opts.out).lower().endswith(".mp4"):
+        raise ValueError(f"--out: expected a .mp4 path, got {opts.out!r}")
+    if opts.lora is not None and opts.transformer is not None:
+        raise ValueError("--lora and --transformer: give one (a merged export already contains the LoRA)")
+    for name in ("lora", "transformer"):
+        value = getattr(opts, name)
+        if value is not None and _looks_local(value) and not Path(value).exists():
+            raise FileNotFoundError(f"--{name}: {value} does not exist")
+    if _looks_local(opts.model) and not Path(opts.model).exists():
+        raise FileNotFoundError(f"--model: {opts.model} does not exist")
+
+
+def _looks_local(name: str) -> bool:
+    """A path (exists, starts with ./ / ~ or has more than one '/') rather than a Hub id."""
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def resolve_family(model: str, family: Optional[str] = None, revision: Optional[str] = None) -> str:
+    """The family from model_index.json's ``_class_name`` (local folder or Hub cache); ``family`` when given."""
+    index: Optional[dict] = None
+    local = Path(model) / "model_index.json"
+    if local.is_file():
+        index = json.loads(local.read_text())
+    elif Path(model).is_dir():
+        raise ValueError(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)")
+    elif family is None:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = json.loads(Path(hf_hub_download(model, "model_index.json", revision=revision)).read_text())
+        except Exception as err:  # noqa: BLE001 - offline / unknown repo: ask for --family
+            raise ValueError(
+                f"--model: cannot read model_index.json of {model!r} ({type(err).__name__}); pass --family "
+                f"({', '.join(PIPELINE_CLASSES)})"
+            ) from None
+    if index is not None:
+        cls = index.get("_class_name")
+        found = FAMILY_OF_PIPELINE.get(cls)
+        if found is None:
+            raise ValueError(f"--model: pipeline class {cls!r} is not supported; expected one of {', '.join(FAMILY_OF_PIPELINE)}")
+        if family is not None and family != found:
+            raise ValueError(f"--family {family} contradicts {model}'s model_index.json ({cls} -> {found})")
+        return found
+    assert family is not None
+    return family
+
+
+def _device_and_dtype(opts: SampleOptions) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = opts.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    return device, DTYPES[name]
+
+
+def load_transformer_override(family: str, path: str, dtype: torch.dtype) -> torch.nn.Module:
+    import diffusers
+
+    cls = getattr(diffusers, TRANSFORMER_CLASSES[family])
+    sub = "transformer" if (Path(path) / "transformer" / "config.json").is_file() or not _looks_local(path) else None
+    return cls.from_pretrained(path, subfolder=sub, dtype=dtype)
+
+
+def attention_config(opts: SampleOptions) -> Any:
+    from train.config_schema import AttentionConfig
+
+    return AttentionConfig(
+        type=opts.attention,  # type: ignore[arg-type]
+        backend=opts.backend,  # type: ignore[arg-type]
+        block_size=opts.block_size,
+        dense_layers=opts.dense_layers,
+        decay_factor=float(opts.decay_factor),
+        attention_sink=opts.attention_sink,
+        num_q_clusters=opts.num_q_clusters,
+        num_k_clusters=opts.num_k_clusters,
+        top_p=float(opts.top_p),
+        min_kc_ratio=float(opts.min_kc_ratio),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timing and the dense-steps switch
+
+
+class _StepClock:
+    """Times each denoising step (first transformer call of the step -> callback_on_step_end) and flips the
+    router to sparse after ``dense_steps`` steps."""
+
+    def __init__(self, router: Any, dense_steps: int, device: torch.device, log: Callable[[str], None], total: int) -> None:
+        self.router, self.dense_steps, self.device, self.log, self.total = router, dense_steps, device, log, total
+        self.started: Optional[float] = None
+        self.seconds: list[float] = []
+        self.density: list[float] = []
+        self.dense: list[bool] = []
+        self._set_dense(0)
+
+    def _set_dense(self, step: int) -> None:
+        if self.router is not None and hasattr(self.router, "force_dense"):
+            self.router.force_dense = step < self.dense_steps
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def pre_forward(self, module: Any, args: Any) -> None:
+        if self.started is None:
+            self._sync()
+            self.started = time.perf_counter()
+
+    def on_step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        self._sync()
+        now = time.perf_counter()
+        elapsed = now - (self.started if self.started is not None else now)
+        was_dense = step < self.dense_steps
+        # straight from the router: a forced-dense step made no sparse call, so it reports 1.0 by itself
+        density = 1.0 if self.router is None else float(self.router.density())
+        self.seconds.append(elapsed)
+        self.density.append(density)
+        self.dense.append(was_dense)
+        self.log(f"step {step + 1}/{self.total}: {elapsed:.3f} s, density {density:.3f}{' (dense step)' if was_dense else ''}")
+        self.started = None
+        self._set_dense(step + 1)
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# video file
+
+
+def to_uint8_frames(frames: Any) -> np.ndarray:
+    """Pipeline output of one video -> uint8 [F, H, W, 3]: float arrays in [0, 1], uint8 arrays, tensors or PIL lists."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy()
+    if isinstance(frames, (list, tuple)):
+        frames = np.stack([np.asarray(f) for f in frames])
+    arr = np.asarray(frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"frames: expected [F, H, W, 3], got shape {tuple(arr.shape)}")
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.round(arr.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    return arr
+
+
+def write_video(frames: Any, path: str | os.PathLike, fps: float = 16.0) -> Path:
+    """Write one video (see :func:`to_uint8_frames`) as H.264 mp4 with PyAV, through a temp file and a rename."""
+    from data.synthetic import write_mp4
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_mp4(path, to_uint8_frames(frames), fps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the whole run
+
+
+def load_sampling_pipeline(opts: SampleOptions, adapter: Any, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> Any:
+    """The adapter's pipeline with the fine-tuned weights in place (LoRA fused), on ``device``."""
+    family = adapter.family
+    transformer = load_transformer_override(family, opts.transformer, dtype) if opts.transformer else None
+    pipe = adapter.load_pipeline(transformer=transformer)
+    if opts.lora:
+        log(f"loading LoRA {opts.lora}")
+        pipe.load_lora_weights(opts.lora, adapter_name="sample")
+        pipe.fuse_lora(components=["transformer"], lora_scale=opts.lora_scale)  # plain weights: no LoRA cost per step
+        pipe.unload_lora_weights()
+    pipe.to(device)  # the adapter loaded every component in its dtype (and kept fp32 where diffusers wants it)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _text_length(adapter: Any, pipe: Any) -> Optional[int]:
+    """The prompt length the adapter trains with (sampling must match it), when the pipeline takes one."""
+    if "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
+        return None
+    if callable(getattr(adapter, "text_length", None)) and getattr(pipe, "tokenizer", None) is not None:
+        return int(adapter.text_length(pipe.tokenizer))
+    value = getattr(adapter, "max_sequence_length", None)
+    return value if isinstance(value, int) else None
+
+
+@torch.no_grad()
+def generate(opts: SampleOptions, log: Callable[[str], None] = print) -> SampleResult:
+    """Generate ``opts.out``; logs the time and attention density of every step and a summary line."""
+    check_options(opts)
+    family = resolve_family(opts.model, opts.family, opts.revision)
+    device, dtype = _device_and_dtype(opts)
+    from train.models import get_adapter
+
+    adapter = get_adapter(family)(opts.model, opts.revision, dtype)
+    geometry = adapter.geometry(opts.frames, opts.height, opts.width)  # bad sizes fail before any weights load
+    pipe = load_sampling_pipeline(opts, adapter, device, dtype, log)
+    router = adapter.install_attention(pipe.transformer, attention_config(opts), geometry)
+    clock = _StepClock(router, opts.dense_steps, device, log, opts.steps)
+    hook = pipe.transformer.register_forward_pre_hook(clock.pre_forward)
+    kwargs: dict[str, Any] = dict(
+        prompt=opts.prompt,
+        num_frames=opts.frames,
+        height=opts.height,
+        width=opts.width,
+        num_inference_steps=opts.steps,
+        generator=torch.Generator(device="cpu").manual_seed(opts.seed),
+        output_type="np",
+        callback_on_step_end=clock.on_step_end,
+    )
+    if opts.negative_prompt is not None:
+        kwargs["negative_prompt"] = opts.negative_prompt
+    if opts.guidance_scale is not None:
+        kwargs["guidance_scale"] = opts.guidance_scale
+    text_length = _text_length(adapter, pipe)
+    if text_length is not None:
+        kwargs["max_sequence_length"] = text_length
+    log(f"{family}: {opts.frames} frames {opts.height}x{opts.width}, {opts.steps} steps, {opts.attention} attention "
+        f"(first {opts.dense_steps} steps and {opts.dense_layers} layers dense) on {device}")
+    start = time.perf_counter()
+    try:
+        output = pipe(**kwargs)
+    finally:
+        hook.remove()
+    total = time.perf_counter() - start
+    video = output.frames[0]
+    path = write_video(video, opts.out, fps=opts.fps or DEFAULT_FPS[family])
+    result = SampleResult(
+        path=path,
+        family=family,
+        step_seconds=clock.seconds,
+        step_density=clock.density,
+        step_dense=clock.dense,
+        num_frames=int(np.asarray(video).shape[0]) if not isinstance(video, list) else len(video),
+        total_seconds=total,
+    )
+    log(f"mean time per step: {result.mean_step_seconds:.3f} s ({len(result.step_seconds)} steps, {total:.1f} s in all); "
+        f"attention density: {result.sparse_density:.3f} (sparse steps, sparse layers)")
+    log(f"wrote {path} ({result.num_frames} frames)")
+    return result
