@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tempfile
 import types
 import typing
@@ -18,6 +19,28 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from train.config_schema import RecipeConfig
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as people expect it (1.2 rules): ``no``/``on`` stay strings, ``1e-4`` is a number."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -44,7 +67,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -63,7 +86,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected the form section.key=value, e.g. train.max_steps=100")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _yaml_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     node = raw
@@ -133,6 +156,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string; accept what users mean
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
     if tp is str:
         if isinstance(value, str):
