@@ -66,11 +66,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     state.wait_for_everyone()
 
     from data.cache import cache_identity, write_cache
-    from data.dataset import build_dataset
+    from data.dataset import build_dataset, validate_data_config
     from train.models import get_adapter
 
-    adapter = get_adapter(cfg.model.family)(cfg.model.pretrained, cfg.model.revision, _model_dtype(cfg.train.mixed_precision, state.device))
-    adapter.geometry(cfg.data.frames, cfg.data.height, cfg.data.width)  # fail before any encoding
+    dtype = _model_dtype(cfg.train.mixed_precision, state.device)
+    adapter = get_adapter(cfg.model.family)(cfg.model.pretrained, cfg.model.revision, dtype)
+    for frames, height, width in validate_data_config(cfg.data, adapter.frame_multiple):
+        adapter.geometry(frames, height, width)  # every clip shape must suit the VAE: fail before encoding
     dataset, report = build_dataset(cfg.data, adapter.frame_multiple, cfg.train.seed)
     if state.is_main_process:
         print(report.summary())

@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--vae-tiling", type=_bool, default=None, help="decode in tiles (default: on for CUDA)")
+    p.add_argument("--cpu-offload", action="store_true", help="diffusers model CPU offload (big models, one GPU)")
     a = p.parse_args(argv)
     return SampleOptions(
         model=a.model, prompt=a.prompt, out=a.out, lora=a.lora, lora_scale=a.lora_scale, transformer=a.transformer,
@@ -75,6 +77,7 @@ def parse_args(argv: list[str] | None = None):
         num_q_clusters=a.num_q_clusters, num_k_clusters=a.num_k_clusters, top_p=a.top_p, min_kc_ratio=a.min_kc_ratio,
         backend=a.backend,
         steps=a.steps, guidance_scale=a.guidance_scale, seed=a.seed, dtype=a.dtype, device=a.device,
+        vae_tiling=a.vae_tiling, cpu_offload=a.cpu_offload,
     )
 
 

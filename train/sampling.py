@@ -57,6 +57,8 @@ class SampleOptions:
     seed: int = 0
     dtype: Optional[str] = None  # None: bf16 on CUDA, fp32 on CPU
     device: Optional[str] = None
+    vae_tiling: Optional[bool] = None  # None: on for CUDA (long clips decode in tiles instead of running out of memory)
+    cpu_offload: bool = False  # diffusers' model CPU offload (large models on one GPU)
 
 
 @dataclass
@@ -275,12 +277,18 @@ def load_sampling_pipeline(opts: SampleOptions, adapter: Any, device: torch.devi
         pipe.load_lora_weights(opts.lora, adapter_name="sample")
         pipe.fuse_lora(components=["transformer"], lora_scale=opts.lora_scale)  # plain weights: no LoRA cost per step
         pipe.unload_lora_weights()
-    pipe.to(device)  # the adapter loaded every component in its dtype (and kept fp32 where diffusers wants it)
+    if opts.cpu_offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)  # the adapter loaded every component in its dtype (and kept fp32 where diffusers wants it)
+    tiling = opts.vae_tiling if opts.vae_tiling is not None else device.type == "cuda"
+    if tiling and hasattr(getattr(pipe, "vae", None), "enable_tiling"):
+        pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _text_length(adapter: Any, pipe: Any) -> Optional[int]:
+def text_length_for(adapter: Any, pipe: Any) -> Optional[int]:
     """The prompt length the adapter trains with (sampling must match it), when the pipeline takes one."""
     if "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
         return None
@@ -318,7 +326,7 @@ def generate(opts: SampleOptions, log: Callable[[str], None] = print) -> SampleR
         kwargs["negative_prompt"] = opts.negative_prompt
     if opts.guidance_scale is not None:
         kwargs["guidance_scale"] = opts.guidance_scale
-    text_length = _text_length(adapter, pipe)
+    text_length = text_length_for(adapter, pipe)
     if text_length is not None:
         kwargs["max_sequence_length"] = text_length
     log(f"{family}: {opts.frames} frames {opts.height}x{opts.width}, {opts.steps} steps, {opts.attention} attention "

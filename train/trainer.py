@@ -492,7 +492,7 @@ class Trainer:
     @torch.no_grad()
     def _validate(self, adapter: ModelAdapter, transformer: torch.nn.Module, step: int) -> None:
         """Render the fixed prompts with the current weights (on every rank: ZeRO-3 forwards are collective)."""
-        from train.sampling import write_video
+        from train.sampling import text_length_for, write_video
 
         v, c = self.cfg.validation, self.cfg
         frames, height, width = v.frames or c.data.frames, v.height or c.data.height, v.width or c.data.width
@@ -505,6 +505,10 @@ class Trainer:
         was_training = unwrapped.training
         unwrapped.eval()
         videos: dict[str, Path] = {}
+        extra = {}
+        text_length = text_length_for(adapter, self._pipeline)  # the text length training used, not the pipeline default
+        if text_length is not None:
+            extra["max_sequence_length"] = text_length
         out_dir = self.run_dir / "validation" / f"step-{step:06d}"
         autocast = self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else nullcontext()
         for i, prompt in enumerate(v.prompts):
@@ -519,6 +523,7 @@ class Trainer:
                     guidance_scale=v.guidance_scale,
                     generator=gen,
                     output_type="np",
+                    **extra,
                 )
             if self.is_main:
                 path = out_dir / f"prompt-{i}.mp4"

@@ -124,15 +124,36 @@ def read_component_config(cls: Any, pretrained: str, subfolder: str, revision: O
         raise ValueError(f"model.pretrained: cannot read {subfolder}/config.json of {pretrained!r}: {err}") from err
 
 
-def shifted_uniform(batch: int, shift: float, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """u ~ U(0, 1) through the flow-matching shift s = shift*u / (1 + (shift-1)*u), kept inside (0, 1)."""
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def check_timestep_sampling(sampling: str) -> str:
+    if sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"train.timestep_sampling must be one of {list(TIMESTEP_SAMPLINGS)}, got {sampling!r}")
+    return sampling
+
+
+def sample_noise_levels(
+    batch: int, shift: float, sampling: str, generator: Optional[torch.Generator], device: torch.device
+) -> torch.Tensor:
+    """u ~ U(0, 1) ("uniform") or sigmoid(N(0, 1)) ("logit_normal"), then the flow-matching shift
+    s = shift*u / (1 + (shift-1)*u), kept inside (0, 1)."""
     check_int("batch", batch)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    check_timestep_sampling(sampling)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float32)
+    if sampling == "uniform":
+        u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float32)
+    else:
+        u = torch.randn(batch, generator=generator, device=gen_device, dtype=torch.float32).sigmoid()
     sigma = shift * u / (1.0 + (shift - 1.0) * u)
     return sigma.clamp(1e-4, 1.0 - 1e-4).to(device)
+
+
+def shifted_uniform(batch: int, shift: float, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """:func:`sample_noise_levels` with uniform u."""
+    return sample_noise_levels(batch, shift, "uniform", generator, device)
 
 
 def check_shift(shift: Optional[float], default: float) -> float:

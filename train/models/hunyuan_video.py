@@ -16,7 +16,8 @@ What this family needs, and the choices made here:
   model predicts ``v = noise - x0``. Training uses the same pair: ``x_s = (1-s) x0 + s noise``, timestep
   ``1000 s``, target ``noise - x0``. Noise levels are drawn as the sampler visits them: ``u ~ U(0,1)`` mapped
   through the same shift, ``s = shift*u / (1 + (shift-1)*u)`` (default shift 7.0, ``train.timestep_shift``
-  overrides), so training density follows where the 7.0-shifted sampler spends its steps (mostly high noise).
+  overrides; ``train.timestep_sampling: logit_normal`` draws u from sigmoid(N(0, 1)) instead), so training
+  density follows where the 7.0-shifted sampler spends its steps (mostly high noise).
 * **Embedded guidance.** The released T2V model is guidance-distilled (``guidance_embeds=True``): the
   transformer takes ``guidance = scale * 1000``. Training conditions on ``train_guidance_scale`` (1.0, as
   finetrainers and musubi-tuner do); the pipeline samples with its ``guidance_scale`` (6.0 by default).
@@ -97,8 +98,10 @@ class HunyuanVideoRouterAttnProcessor:
 
         if image_rotary_emb is not None:  # RoPE on the video tokens only
             n_video = query.shape[1] - (text_tokens if single_stream else 0)
-            query = torch.cat([apply_rotary_emb(query[:, :n_video], image_rotary_emb, sequence_dim=1), query[:, n_video:]], dim=1)
-            key = torch.cat([apply_rotary_emb(key[:, :n_video], image_rotary_emb, sequence_dim=1), key[:, n_video:]], dim=1)
+            rope_q = apply_rotary_emb(query[:, :n_video], image_rotary_emb, sequence_dim=1)
+            rope_k = apply_rotary_emb(key[:, :n_video], image_rotary_emb, sequence_dim=1)
+            query = torch.cat([rope_q, query[:, n_video:]], dim=1)
+            key = torch.cat([rope_k, key[:, n_video:]], dim=1)
 
         if attn.add_q_proj is not None and encoder_hidden_states is not None:  # double-stream: text projections
             enc_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
@@ -196,7 +199,9 @@ _REFINER = {
     "ff.net.2": "mlp.fc2",
     "norm_out.linear": "adaLN_modulation.1",
 }
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|context_embedder\.token_refiner\.refiner_blocks)\.(\d+)\.(.+)$")
+_BLOCK = re.compile(
+    r"^(transformer_blocks|single_transformer_blocks|context_embedder\.token_refiner\.refiner_blocks)\.(\d+)\.(.+)$"
+)
 _BLOCK_NAMES = {
     "transformer_blocks": ("double_blocks", _DOUBLE),
     "single_transformer_blocks": ("single_blocks", _SINGLE),
@@ -243,10 +248,13 @@ class HunyuanVideoAdapter(ModelAdapter):
         dtype: torch.dtype = torch.bfloat16,
         *,
         shift: Optional[float] = None,
+        timestep_sampling: str = "uniform",
     ) -> None:
         super().__init__(pretrained, revision, dtype)
         #: Timestep shift of the training noise levels (``train.timestep_shift``; default 7.0, the sampler's).
         self.shift = common.check_shift(shift, self.default_shift)
+        #: Distribution of u before the shift (``train.timestep_sampling``): "uniform" or "logit_normal".
+        self.timestep_sampling = common.check_timestep_sampling(timestep_sampling)
         self._index: Optional[dict] = None
         self._configs: dict[str, dict] = {}
 
@@ -271,12 +279,15 @@ class HunyuanVideoAdapter(ModelAdapter):
         vae, tr = self._config("vae"), self._config("transformer")
         if int(tr.get("patch_size_t", 1)) != 1:
             raise ValueError(f"HunyuanVideo: temporal patch size {tr.get('patch_size_t')} is not supported (expected 1)")
-        return int(vae.get("temporal_compression_ratio", 4)), int(vae.get("spatial_compression_ratio", 8)), int(tr.get("patch_size", 2))
+        t_factor, s_factor = int(vae.get("temporal_compression_ratio", 4)), int(vae.get("spatial_compression_ratio", 8))
+        return t_factor, s_factor, int(tr.get("patch_size", 2))
 
     # -- shapes ----------------------------------------------------------------------------------------------
     def geometry(self, frames: int, height: int, width: int) -> VideoGeometry:
         t_factor, s_factor, patch = self._factors()
-        return common.video_geometry(frames, height, width, t_factor=t_factor, s_factor=s_factor, patch=patch, family="HunyuanVideo")
+        return common.video_geometry(
+            frames, height, width, t_factor=t_factor, s_factor=s_factor, patch=patch, family="HunyuanVideo"
+        )
 
     def geometry_from_latents(self, shape: tuple[int, ...]) -> VideoGeometry:
         """Geometry of latents ``[B, C, T, h, w]`` (the pixel sizes they decode to)."""
@@ -293,7 +304,9 @@ class HunyuanVideoAdapter(ModelAdapter):
             self.pretrained, subfolder="transformer", revision=self.revision, **common.dtype_kwarg(self.dtype)
         )
 
-    def load_pipeline(self, transformer: Optional[nn.Module] = None, encoders: Optional[HunyuanVideoEncoders] = None) -> Any:
+    def load_pipeline(
+        self, transformer: Optional[nn.Module] = None, encoders: Optional[HunyuanVideoEncoders] = None
+    ) -> Any:
         """``HunyuanVideoPipeline`` of ``pretrained``; ``transformer`` / ``encoders`` replace the stored ones
         (the trainer's live weights, and encoders already in memory instead of a second Llama)."""
         from diffusers import HunyuanVideoPipeline
@@ -328,7 +341,9 @@ class HunyuanVideoAdapter(ModelAdapter):
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.to(device).eval().requires_grad_(False)
         pipe.vae.enable_tiling()
-        return HunyuanVideoEncoders(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2, device)
+        return HunyuanVideoEncoders(
+            pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2, device
+        )
 
     # -- conditioning ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -343,7 +358,8 @@ class HunyuanVideoAdapter(ModelAdapter):
     @torch.no_grad()
     def encode_prompts(self, encoders: HunyuanVideoEncoders, prompts: list[str]) -> dict[str, torch.Tensor]:
         """``encoder_hidden_states`` [B, 256, 4096], ``encoder_attention_mask`` [B, 256] (1 = token),
-        ``pooled_projections`` [B, 768]: HunyuanVideoPipeline.encode_prompt with its default template."""
+        ``pooled_projections`` [B, 768] (HunyuanVideoPipeline.encode_prompt with its default template), and for
+        the guidance-distilled transformer ``guidance`` [B] = ``train_guidance_scale * 1000``."""
         from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
         prompts = common.check_prompts(prompts)
@@ -367,16 +383,23 @@ class HunyuanVideoAdapter(ModelAdapter):
             prompts, padding="max_length", max_length=self.clip_max_length, truncation=True, return_tensors="pt"
         ).input_ids
         pooled = encoders.text_encoder_2(clip_ids.to(device), output_hidden_states=False).pooler_output
-        return {
+        cond = {
             "encoder_hidden_states": embeds,
             "encoder_attention_mask": mask,
             "pooled_projections": pooled.to(encoders.text_encoder_2.dtype),
         }
+        if self._config("transformer").get("guidance_embeds", True):
+            cond["guidance"] = self._guidance(len(prompts), device)
+        return cond
+
+    def _guidance(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.full((batch,), float(self.train_guidance_scale) * 1000.0, device=device, dtype=torch.float32)
 
     # -- flow matching ---------------------------------------------------------------------------------------
     def sample_sigmas(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-        """u ~ U(0, 1) through the sampler's shift (7.0): the noise levels the pipeline's steps visit."""
-        return common.shifted_uniform(batch, self.shift, generator, torch.device(device))
+        """u ~ U(0, 1) (or sigmoid(N(0, 1)) with ``timestep_sampling="logit_normal"``) through the sampler's shift
+        (7.0): with uniform u, the noise levels the pipeline's steps visit."""
+        return common.sample_noise_levels(batch, self.shift, self.timestep_sampling, generator, torch.device(device))
 
     def training_pair(
         self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
@@ -389,13 +412,15 @@ class HunyuanVideoAdapter(ModelAdapter):
     def predict(
         self, transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Velocity prediction (float32), with the text mask, pooled CLIP and embedded guidance the model takes."""
+        """Velocity prediction (float32), with the text mask, pooled CLIP and embedded guidance the model takes
+        (``cond["guidance"]``, else ``train_guidance_scale``; none for a transformer without guidance embedding)."""
         common.check_cond(cond, ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections"))
         model = common.unwrap(transformer)
         dtype, device = model.dtype, noisy.device
         guidance = None
         if model.config.guidance_embeds:
-            guidance = torch.full((noisy.shape[0],), self.train_guidance_scale * 1000.0, device=device, dtype=dtype)
+            guidance = cond.get("guidance")
+            guidance = (self._guidance(noisy.shape[0], device) if guidance is None else guidance).to(device, dtype)
         out = transformer(
             hidden_states=noisy.to(dtype),
             timestep=timesteps.to(device),

@@ -19,8 +19,9 @@ What this family needs, and the choices made here:
   ``v = x0 - noise`` and is conditioned on ``1000 (1 - s)`` (Genmo's original trainer does the same). Training
   uses that pair: ``x_s = (1-s) x0 + s noise``, timestep ``1000 (1 - s)``, target ``x0 - noise``. Noise levels
   are uniform in (0, 1) as in Genmo's fine-tuner (shift 1.0; ``train.timestep_shift`` applies the usual
-  ``s = shift*u / (1 + (shift-1)*u)``). :meth:`MochiAdapter.load_pipeline` refuses a scheduler without
-  ``invert_sigmas`` (sampling would then not match training).
+  ``s = shift*u / (1 + (shift-1)*u)``, ``train.timestep_sampling: logit_normal`` draws u from
+  sigmoid(N(0, 1))). :meth:`MochiAdapter.load_pipeline` refuses a scheduler without ``invert_sigmas``
+  (sampling would then not match training).
 * **Positions for longer clips.** Mochi's RoPE has *learned* frequencies (``pos_frequencies``, 3 x heads x
   head_dim/2) applied to positions computed in every forward: time ``t = 0, 1, ...`` (unscaled) and centred
   space coordinates rescaled to a 192x192 reference area. There is no table or length limit: 2x / 4x clips
@@ -106,7 +107,7 @@ class MochiRouterAttnProcessor:
             torch.cat([key, enc_k], dim=1).transpose(1, 2),
             torch.cat([value, enc_v], dim=1).transpose(1, 2),
             text_tokens=n_text,
-            key_padding_mask=None,
+            key_padding_mask=key_padding,
         ).transpose(1, 2)  # [B, N, H, D]
 
         video_out, text_out = out[:, :n_video], out[:, n_video:]
@@ -163,10 +164,13 @@ class MochiAdapter(ModelAdapter):
         dtype: torch.dtype = torch.bfloat16,
         *,
         shift: Optional[float] = None,
+        timestep_sampling: str = "uniform",
     ) -> None:
         super().__init__(pretrained, revision, dtype)
         #: Timestep shift of the training noise levels (``train.timestep_shift``; default 1.0 = uniform).
         self.shift = common.check_shift(shift, self.default_shift)
+        #: Distribution of u before the shift (``train.timestep_sampling``): "uniform" or "logit_normal".
+        self.timestep_sampling = common.check_timestep_sampling(timestep_sampling)
         self._index: Optional[dict] = None
         self._configs: dict[str, dict] = {}
 
@@ -200,7 +204,9 @@ class MochiAdapter(ModelAdapter):
     # -- shapes ----------------------------------------------------------------------------------------------
     def geometry(self, frames: int, height: int, width: int) -> VideoGeometry:
         t_factor, s_factor, patch = self._factors()
-        return common.video_geometry(frames, height, width, t_factor=t_factor, s_factor=s_factor, patch=patch, family="Mochi")
+        return common.video_geometry(
+            frames, height, width, t_factor=t_factor, s_factor=s_factor, patch=patch, family="Mochi"
+        )
 
     def geometry_from_latents(self, shape: tuple[int, ...]) -> VideoGeometry:
         """Geometry of latents ``[B, C, T, h, w]`` (the pixel sizes they decode to)."""
@@ -294,8 +300,9 @@ class MochiAdapter(ModelAdapter):
 
     # -- flow matching ---------------------------------------------------------------------------------------
     def sample_sigmas(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-        """Noise levels uniform in (0, 1) (Genmo's fine-tuner), shifted when a shift is configured."""
-        return common.shifted_uniform(batch, self.shift, generator, torch.device(device))
+        """Noise levels uniform in (0, 1) (Genmo's fine-tuner); ``timestep_sampling="logit_normal"`` and a shift
+        change that when configured."""
+        return common.sample_noise_levels(batch, self.shift, self.timestep_sampling, generator, torch.device(device))
 
     def training_pair(
         self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
@@ -355,7 +362,12 @@ class MochiAdapter(ModelAdapter):
     def save_tiny_random(cls, out_dir: str, seed: int = 0) -> str:
         """A tiny random Mochi pipeline (2 blocks, 12 latent channels as the pipeline's decode expects, T5 32-d,
         offline tokenizer, random RoPE frequencies, scheduler with ``invert_sigmas=True``)."""
-        from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+        from diffusers import (
+            AutoencoderKLMochi,
+            FlowMatchEulerDiscreteScheduler,
+            MochiPipeline,
+            MochiTransformer3DModel,
+        )
         from transformers import T5Config, T5EncoderModel
 
         from train.models.tiny_tokenizer import tiny_t5_tokenizer

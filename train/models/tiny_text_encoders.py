@@ -144,7 +144,9 @@ def tiny_clip_tokenizer(*, corpus: Optional[Iterable[str]] = None, vocab_size: i
     specials = ["<|startoftext|>", "<|endoftext|>"]
     tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
     # The same normaliser and pre-tokeniser CLIPTokenizer builds, so the learned merges apply unchanged.
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(
@@ -187,7 +189,9 @@ def tiny_llama_model(vocab_size: int, hidden_size: int, *, num_layers: int = 3, 
     return LlamaModel(cfg).eval()
 
 
-def tiny_clip_text_model(vocab_size: int, hidden_size: int, *, bos_token_id: int, eos_token_id: int, pad_token_id: int) -> CLIPTextModel:
+def tiny_clip_text_model(
+    vocab_size: int, hidden_size: int, *, bos_token_id: int, eos_token_id: int, pad_token_id: int
+) -> CLIPTextModel:
     """Random-weight CLIPTextModel; its pooled output (at the first eos) has ``hidden_size`` features."""
     cfg = CLIPTextConfig(
         vocab_size=vocab_size,
