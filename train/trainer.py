@@ -9,9 +9,10 @@ generators seeded by (seed, step, micro-batch, rank), and the data order is a de
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -122,8 +123,7 @@ class Trainer:
 
     def _build_model(self, adapter: ModelAdapter) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
         cfg = self.cfg
-        transformer = adapter.load_transformer()
-        transformer.to(dtype=self._weight_dtype())
+        transformer = adapter.load_transformer()  # in the adapter's dtype (keeps the family's fp32 modules)
         if cfg.train.mode == "lora":
             from peft import LoraConfig
 
@@ -182,6 +182,25 @@ class Trainer:
             sequence_parallel.install(self.cfg.model.family, unwrapped, self.sp)
             self.router.sequence_parallel = self.sp
 
+    @contextmanager
+    def _no_zero3_init(self) -> Iterator[None]:
+        """Under ZeRO-3, transformers partitions every model it loads; frozen encoders must stay whole.
+
+        (accelerate's ``zero3_init_context_manager(enable=False)`` leaves transformers' ZeRO-3 switch on in
+        accelerate 1.15, so the switch is cleared and restored here through transformers' own setters.)
+        """
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None or getattr(plugin, "dschf", None) is None:
+            yield
+            return
+        from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            set_hf_deepspeed_config(plugin.dschf)
+
     @property
     def dp_rank(self) -> int:
         return self.sp.dp_rank if self.sp is not None else self.accelerator.process_index
@@ -217,11 +236,15 @@ class Trainer:
         loader = self._make_loader(dataset)
         ema = self._make_ema(params)
 
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:  # our loader is sharded by hand, so DeepSpeed can't read the micro-batch from it
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         transformer, optimizer, scheduler = self.accelerator.prepare(transformer, optimizer, scheduler)
         if ema is not None:
             self.accelerator.register_for_checkpointing(ema)
         self._install_attention(adapter, transformer, base_geometry)
-        encoders = adapter.load_encoders(self.device)
+        with self._no_zero3_init():  # frozen encoders stay whole on every rank
+            encoders = adapter.load_encoders(self.device)
         self.encoders = encoders
 
         resume = checkpointing.resolve_resume(self.run_dir, cfg.train.resume_from)
@@ -353,6 +376,9 @@ class Trainer:
             progress.set_postfix(loss=f"{loss:.4f}", density=f"{stats['attention_density']:.3f}")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             self.accelerator.log({"loss": loss, **stats}, step=step)
+            if self.is_main:  # a plain local log next to wandb's (also what multi-process tests read)
+                with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps({"step": step, "loss": loss, **stats}) + "\n")
             if progress is None:
                 self._print(f"step {step}/{cfg.train.max_steps} loss {loss:.4f} density {stats['attention_density']:.3f}")
         if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
@@ -498,7 +524,8 @@ class Trainer:
         frames, height, width = v.frames or c.data.frames, v.height or c.data.height, v.width or c.data.width
         unwrapped = self.accelerator.unwrap_model(transformer)
         if self._pipeline is None:
-            self._pipeline = adapter.load_pipeline(transformer=unwrapped, encoders=self.encoders)
+            with self._no_zero3_init():
+                self._pipeline = adapter.load_pipeline(transformer=unwrapped, encoders=self.encoders)
             self._pipeline.to(self.device)
             self._pipeline.set_progress_bar_config(disable=True)
         self._geometry(adapter, frames, height, width)  # validates the validation shape
