@@ -50,16 +50,41 @@ def _bound_vae_memory(encoders: Any) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from accelerate import PartialState
-
-    from train.bootstrap import create_missing_inputs
     from train.config import ConfigError, load_config
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.cache_dir:
         raise ConfigError("data.cache_dir is not set: name the folder the latent cache is written to")
-    state = PartialState()
+    precompute(
+        cfg,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        vae_tiling=not args.no_vae_tiling,
+        overwrite=args.overwrite,
+    )
+
+
+def precompute(
+    cfg: Any,
+    *,
+    shard_size: int = 32,
+    batch_size: int = 1,
+    dtype: str = "bfloat16",
+    vae_tiling: bool = True,
+    overwrite: bool = False,
+    state: Any = None,
+) -> Optional[Path]:
+    """Encode ``cfg``'s dataset into ``cfg.data.cache_dir`` (every process its share); returns the manifest path.
+
+    Also called by the trainer when a recipe names a cache folder that holds no cache yet.
+    """
+    from accelerate import PartialState
+
+    from train.bootstrap import create_missing_inputs
+
+    state = state or PartialState()
     if state.is_main_process:
         for line in create_missing_inputs(cfg):
             print(f"created {line}")
@@ -69,8 +94,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from data.dataset import build_dataset, validate_data_config
     from train.models import get_adapter
 
-    dtype = _model_dtype(cfg.train.mixed_precision, state.device)
-    adapter = get_adapter(cfg.model.family)(cfg.model.pretrained, cfg.model.revision, dtype)
+    model_dtype = _model_dtype(cfg.train.mixed_precision, state.device)
+    adapter = get_adapter(cfg.model.family)(cfg.model.pretrained, cfg.model.revision, model_dtype)
     for frames, height, width in validate_data_config(cfg.data, adapter.frame_multiple):
         adapter.geometry(frames, height, width)  # every clip shape must suit the VAE: fail before encoding
     dataset, report = build_dataset(cfg.data, adapter.frame_multiple, cfg.train.seed)
@@ -79,10 +104,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if len(dataset) == 0:
         raise ValueError(f"nothing to encode: every video was skipped ({report.total_skipped}); check data.path, data.frames, data.fps")
     encoders = adapter.load_encoders(state.device)
-    if not args.no_vae_tiling:
+    if vae_tiling:
         _bound_vae_memory(encoders)
     identity = cache_identity(
-        cfg.data, model_id=cfg.model.pretrained, revision=cfg.model.revision, family=cfg.model.family, dtype=args.dtype
+        cfg.data, model_id=cfg.model.pretrained, revision=cfg.model.revision, family=cfg.model.family, dtype=dtype
     )
     start, done = time.perf_counter(), {"clips": 0}
 
@@ -98,13 +123,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         lambda pixels: adapter.encode_videos(encoders, pixels.to(state.device)),
         lambda prompts: adapter.encode_prompts(encoders, prompts),
         identity,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
+        shard_size=shard_size,
+        batch_size=batch_size,
         rank=state.process_index,
         world_size=state.num_processes,
         num_workers=cfg.data.num_workers,
         barrier=state.wait_for_everyone if state.num_processes > 1 else None,
-        overwrite=args.overwrite,
+        overwrite=overwrite,
         extra_manifest={"skip_report": asdict(report), "frame_multiple": adapter.frame_multiple},
         on_batch=progress,
     )
@@ -117,6 +142,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"latent cache: {info['count']} clips in {cfg.data.cache_dir} ({len(info['failed'])} failed to decode) "
             f"in {elapsed:.1f}s; set data.cache_dir to train from it"
         )
+    return manifest
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class Trainer:
         self.router: Any = None
         self.sp: Any = None  # SequenceParallel when parallel.sequence_parallel_size > 1
         self._pipeline: Any = None
-        self.decode_failures = 0
+        self.data_report: Any = None  # data.dataset.SkipReport: skipped videos by reason, decode failures
         self._base_shape = (cfg.data.frames, cfg.data.height, cfg.data.width)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -113,10 +113,27 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _build_data(self, adapter: ModelAdapter) -> tuple[Any, Any]:
-        from data.dataset import build_dataset
+        """Clips decoded on the fly, or the precomputed latent cache when ``data.cache_dir`` is set
+        (encoded here first when the folder holds no cache yet)."""
+        cfg = self.cfg
+        if cfg.data.cache_dir:
+            from data.cache import open_cache
 
-        dataset, report = build_dataset(self.cfg.data, adapter.frame_multiple, self.cfg.train.seed)
-        self._print(f"data: {len(dataset)} clips; {report}")
+            if not (Path(cfg.data.cache_dir) / "manifest.json").is_file():
+                from train.precompute import precompute
+
+                self._print(f"data.cache_dir {cfg.data.cache_dir} holds no cache yet: encoding the dataset once")
+                precompute(cfg, state=self.accelerator.state)
+                self.accelerator.wait_for_everyone()
+            dataset, report = open_cache(
+                cfg.data, model_id=cfg.model.pretrained, revision=cfg.model.revision, family=cfg.model.family
+            )
+        else:
+            from data.dataset import build_dataset
+
+            dataset, report = build_dataset(cfg.data, adapter.frame_multiple, cfg.train.seed)
+        self.data_report = report
+        self._print(f"{len(dataset)} clips; {report}")
         if len(dataset) == 0:
             raise UserError(f"the dataset is empty after filtering ({report}); check data.path, data.frames, data.fps")
         return dataset, report
@@ -281,7 +298,8 @@ class Trainer:
         losses, tokens, samples, densities, bad = [], 0, 0, [], False
         for micro in range(cfg.train.gradient_accumulation_steps):
             batch = next(loader)
-            self.decode_failures += len(batch.get("failed", []))
+            if batch.get("failed"):
+                self.data_report.record_failures(batch["failed"])
             with self.accelerator.accumulate(transformer):
                 if batch_size(batch) == 0:  # every clip of the batch failed to decode (counted above)
                     loss, geometry = torch.tensor(float("nan"), device=self.device), self.geometries[self._base_shape]
@@ -329,7 +347,7 @@ class Trainer:
             "tokens_per_s": tokens * world / dt,
             "attention_density": sum(densities) / len(densities) if densities else 1.0,
             "bad_steps": self.pos.bad_total,
-            "data/decode_failures": self.decode_failures,
+            **self.data_report.as_dict(),
         }
         if torch.cuda.is_available():
             stats["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
