@@ -80,7 +80,8 @@ def build(frames: int, impl: str, folder: str, device: torch.device, sp=None):
     adapter = get_adapter("wan")(folder, dtype=torch.bfloat16)
     geometry = adapter.geometry(frames, 480, 832)
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel.from_config(WAN_1_3B).to(device, torch.bfloat16)
+    with torch.device(device):  # random init directly on the GPU (a CPU init of 1.3B parameters takes long)
+        transformer = WanTransformer3DModel.from_config(WAN_1_3B).to(torch.bfloat16)
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=128, lora_alpha=128, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     for p in transformer.parameters():

@@ -589,7 +589,9 @@ class Trainer:
             f"  checkpoints:     {self.run_dir / 'checkpoints'}",
         ]
         if result.losses:
-            lines.append(f"  loss:            first {result.losses[0]:.4f} -> last {result.losses[-1]:.4f}")
+            k = max(1, min(5, len(result.losses) // 2))
+            first, last = result.losses[:k], result.losses[-k:]
+            lines.append(f"  loss:            {sum(first) / k:.4f} (mean of the first {k} steps) -> {sum(last) / k:.4f} (last {k})")
         if result.bad_steps:
             lines.append(f"  skipped steps:   {result.bad_steps} (non-finite loss)")
         if self.cfg.tracking.report_to == "wandb":

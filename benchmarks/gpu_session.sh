@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One GPU session on a lent H100/H200: the GPU test tier and the benchmarks, results under $OUT.
+# The machine has torch/triton/peft/transformers/accelerate; the rest travels as wheels in .whl/
+# (made here by ../shared/tools/gpu-wheels datasets av).
+#   bash benchmarks/gpu_session.sh [tests] [train] [svg2] [data] [sp]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+ngpu=$(nvidia-smi -L | wc -l)
+for what in "${@:-tests train svg2 data}"; do
+  case "$what" in
+    tests) timeout 300 python3 -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/gpu_tests.log" | tail -4 ;;
+    train) timeout 420 python3 benchmarks/train_step.py --frames 81,161,321 --impls radial,flex,dense --steps 2 --out "$OUT/train_step.md" 2>&1 | grep -v Warning | tail -16 ;;
+    svg2) timeout 300 python3 benchmarks/svg2.py --out "$OUT/svg2.md" 2>&1 | tail -14 ;;
+    data) timeout 240 python3 benchmarks/data.py --workers 1,4 --dtypes uint8 --out /tmp/databench > "$OUT/data.md" 2>&1; tail -6 "$OUT/data.md" ;;
+    sp)
+      for p in 2 4; do
+        [ "$p" -le "$ngpu" ] || continue
+        timeout 300 torchrun --nproc_per_node "$p" benchmarks/train_step.py --frames 321 --impls radial --steps 2 --sp "$p" --out "$OUT/sp.md" 2>&1 | grep -v Warning | tail -5
+      done
+      timeout 200 python3 benchmarks/train_step.py --frames 321 --impls radial --steps 2 --out "$OUT/sp.md" 2>&1 | tail -3 ;;
+  esac
+done
