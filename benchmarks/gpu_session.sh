@@ -11,7 +11,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 ngpu=$(nvidia-smi -L | wc -l)
-for what in "${@:-tests train svg2 data}"; do
+[ $# -gt 0 ] || set -- tests train svg2 data
+for what in "$@"; do
   case "$what" in
     tests) timeout 300 python3 -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/gpu_tests.log" | tail -4 ;;
     train) timeout 420 python3 benchmarks/train_step.py --frames 81,161,321 --impls radial,flex,dense --steps 2 --out "$OUT/train_step.md" 2>&1 | grep -v Warning | tail -16 ;;
