@@ -1,0 +1,207 @@
+"""Public block-sparse attention op: argument validation, backend dispatch, autograd.
+
+``block_sparse_attention(q, k, v, block_mask)`` computes softmax attention in which query block ``i`` sees
+only the key blocks ``j`` with ``block_mask[..., i, j]`` True (blocks of ``block_size`` tokens; the last
+block may be partial and is exact).  Two backends compute the same function:
+
+* ``"triton"`` - fused Triton kernels (``sparse_attn/kernels/block_sparse.py``) for the forward and the
+  backward, wrapped in a ``torch.autograd.Function``; CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests);
+* ``"torch"`` - pure PyTorch (``sparse_attn/reference.py``), any device, differentiable by autograd.
+
+``key_padding_mask`` (bool ``[B, N]``, True = valid key) removes keys from every softmax - the padded text
+tokens of joint text+video attention.  A query row with no valid key returns zeros and zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .indices import block_index
+from .reference import block_sparse_attention_reference
+
+__all__ = ["block_sparse_attention"]
+
+_BACKENDS = ("auto", "triton", "torch")
+_TRITON_HEAD_DIMS = (64, 128)
+_TRITON_BLOCK_SIZES = (64, 128)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _validate(q, k, v, block_mask, block_size, scale, backend, key_padding_mask) -> tuple[int, float]:
+    """Check every argument; returns ``(Nb, scale)``.  Raises TypeError/ValueError naming the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape [B, H, N, D], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, N, D] (4 dims), got {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k and v must have the same shape [B, H, N, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _TORCH_DTYPES:
+        raise TypeError(f"q, k, v must be float16, bfloat16, float32 or float64; got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    bsz, heads, n_ctx, head_dim = q.shape
+    if n_ctx == 0 or head_dim == 0:
+        raise ValueError(f"q must have N > 0 and D > 0, got shape {tuple(q.shape)}")
+
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    if block_size < 16:
+        raise ValueError(f"block_size must be >= 16, got {block_size}")
+    nb = math.ceil(n_ctx / block_size)
+
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(f"block_mask must be a bool torch.Tensor, got {type(block_mask).__name__}")
+    if block_mask.dtype != torch.bool:
+        raise TypeError(f"block_mask must have dtype torch.bool, got {block_mask.dtype}")
+    if block_mask.device != q.device:
+        raise ValueError(f"block_mask must be on q's device {q.device}, got {block_mask.device}")
+    expected = f"[{nb}, {nb}], [Hm, {nb}, {nb}] or [{bsz}, Hm, {nb}, {nb}] with Hm in {{1, {heads}}} (Nb = ceil(N={n_ctx} / block_size={block_size}))"
+    shape = tuple(block_mask.shape)
+    ok = block_mask.dim() in (2, 3, 4) and shape[-2:] == (nb, nb)
+    if ok and block_mask.dim() >= 3:
+        ok = shape[-3] in (1, heads)
+    if ok and block_mask.dim() == 4:
+        ok = shape[0] == bsz
+    if not ok:
+        raise ValueError(f"block_mask must have shape {expected}; got {shape}")
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool torch.Tensor [B, N] or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must have dtype torch.bool, got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (bsz, n_ctx):
+            raise ValueError(f"key_padding_mask must have shape [B, N] = [{bsz}, {n_ctx}], got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+    return nb, float(scale)
+
+
+def _resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
+    if backend == "auto":
+        # Triton on CUDA whenever the kernels cover the shape; the torch path computes the same function
+        triton_ok = q.shape[-1] in _TRITON_HEAD_DIMS and block_size in _TRITON_BLOCK_SIZES and q.dtype in _TRITON_DTYPES
+        return "triton" if q.is_cuda and triton_ok else "torch"
+    if backend == "triton":
+        head_dim = q.shape[-1]
+        if head_dim not in _TRITON_HEAD_DIMS:
+            raise ValueError(f"backend='triton' supports head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}; use backend='torch'")
+        if block_size not in _TRITON_BLOCK_SIZES:
+            raise ValueError(f"backend='triton' supports block_size in {_TRITON_BLOCK_SIZES}, got {block_size}; use backend='torch'")
+        if q.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports q/k/v dtypes float16, bfloat16, float32; got {q.dtype}")
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='torch'")
+    return backend
+
+
+def _as_4d(block_mask: torch.Tensor) -> torch.Tensor:
+    if block_mask.dim() == 2:
+        return block_mask[None, None]
+    if block_mask.dim() == 3:
+        return block_mask[None]
+    return block_mask
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index the head dim with stride 1; any other layout is kept as is."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, index, block_size, scale, key_padding_mask, schedule_mode):
+        from .kernels.block_sparse import block_sparse_forward
+
+        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+        bsz, heads = q.shape[:2]
+        sched_rows = index.schedule(bsz, heads, transposed=False, mode=schedule_mode)
+        out, lse = block_sparse_forward(
+            q, k, v, index, sched_rows, block_size=block_size, scale=scale, key_padding_mask=key_padding_mask
+        )
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.index = index
+        ctx.block_size = block_size
+        ctx.scale = scale
+        ctx.key_padding_mask = key_padding_mask
+        ctx.schedule_mode = schedule_mode
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        from .kernels.block_sparse import block_sparse_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        bsz, heads = q.shape[:2]
+        index = ctx.index
+        need_dq = ctx.needs_input_grad[0]
+        need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dq, dk, dv = block_sparse_backward(
+            _unit_stride(grad_out),
+            q, k, v, out, lse, index,
+            index.schedule(bsz, heads, transposed=False, mode=ctx.schedule_mode),
+            index.schedule(bsz, heads, transposed=True, mode=ctx.schedule_mode),
+            block_size=ctx.block_size,
+            scale=ctx.scale,
+            key_padding_mask=ctx.key_padding_mask,
+            need_dq=need_dq,
+            need_dkdv=need_dkdv,
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    backend: str = "auto",
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-sparse softmax attention, differentiable w.r.t. ``q``, ``k``, ``v``.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` (the layout of ``F.scaled_dot_product_attention``), any strides, one dtype.
+        block_mask: bool ``[Nb, Nb]``, ``[Hm, Nb, Nb]`` or ``[B, Hm, Nb, Nb]``, ``Hm`` in {1, H},
+            ``Nb = ceil(N / block_size)``; True = the (query block, key block) pair is computed.  Its sparse
+            index form is cached on the tensor (identity + version), so pass the same tensor every layer.
+        block_size: tokens per block.  Triton: 64 or 128; torch: any value >= 16.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA when D in {64, 128}, block_size in
+            {64, 128} and the dtype is fp16/bf16/fp32; torch otherwise).
+        key_padding_mask: optional bool ``[B, N]``, True = valid key; invalid keys never enter a softmax.
+
+    Returns:
+        ``[B, H, N, D]`` in ``q``'s dtype.  Query rows without any valid key are 0 (with zero gradients).
+    """
+    _, scale = _validate(q, k, v, block_mask, block_size, scale, backend, key_padding_mask)
+    backend = _resolve_backend(backend, q, block_size)
+    if backend == "torch":
+        return block_sparse_attention_reference(
+            q, k, v, _as_4d(block_mask), block_size=block_size, scale=scale, key_padding_mask=key_padding_mask
+        )
+    index = block_index(block_mask)
+    return _BlockSparseAttention.apply(q, k, v, index, block_size, scale, key_padding_mask, "lpt")
