@@ -18,6 +18,24 @@ for what in "$@"; do
     train) timeout 420 python3 benchmarks/train_step.py --frames 81,161,321 --impls radial,flex,dense --steps 2 --out "$OUT/train_step.md" 2>&1 | grep -v Warning | tail -16 ;;
     svg2) timeout 300 python3 benchmarks/svg2.py --out "$OUT/svg2.md" 2>&1 | tail -14 ;;
     data) timeout 240 python3 benchmarks/data.py --workers 1,4 --dtypes uint8 --out /tmp/databench > "$OUT/data.md" 2>&1; tail -6 "$OUT/data.md" ;;
+    quickstart)  # the README's main command on a GPU (wandb is not on the machine: tracking off)
+      timeout 240 python3 train/finetune.py --config configs/quickstart.yaml tracking.report_to=none \
+        train.output_dir=/tmp/qs model.pretrained=/tmp/qs/tiny-wan data.path=/tmp/qs/data data.cache_dir=/tmp/qs/latents \
+        2>&1 | grep -v Warning | tail -12 ;;
+    mask)  # radial mask build, warm, on the GPU (target <= 50 ms at 81 x 1560)
+      python3 - <<'PY' 2>&1 | tee "$OUT/mask.txt"
+import time, torch
+from sparse_attn.radial import radial_block_mask, _cached_mask
+radial_block_mask(2, 1560, device="cuda"); torch.cuda.synchronize()
+for f, t in ((81, 1560), (128, 3600)):
+    ts = []
+    for i in range(5):
+        _cached_mask.cache_clear(); torch.cuda.synchronize(); t0 = time.perf_counter()
+        radial_block_mask(f, t, device="cuda"); torch.cuda.synchronize(); ts.append(1e3 * (time.perf_counter() - t0))
+    print(f"radial_block_mask({f}, {t}) on {torch.cuda.get_device_name()}: median {sorted(ts)[2]:.1f} ms (uncached, warm process)")
+PY
+      ;;
+    vae) timeout 300 python3 benchmarks/vae_encode.py --clips 1 --tiling 2>&1 | tail -2 | tee "$OUT/vae.md" ;;
     sp)
       for p in 2 4; do
         [ "$p" -le "$ngpu" ] || continue
