@@ -8,7 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig
+from models_helpers import (
+    CPU,
+    add_lora,
+    check_all_true_radial_mask_gives_the_dense_loss,
+    check_sparse_step_gives_finite_lora_grads,
+    check_triton_radial_matches_torch,
+    cond_fixture,
+    config_only_pipeline,
+    family_fixtures,
+    joint_step,
+    sparse_pipeline,
+    training_batch,
+)
 
 from train.config_schema import AttentionConfig
 from train.models import get_adapter
@@ -18,44 +30,9 @@ FRAMES, HEIGHT, WIDTH = 17, 64, 64  # -> latents [B, 4, 5, 8, 8], 5 x 16 = 80 vi
 LATENT = (4, 5, 8, 8)
 TEXT = 16  # Llama tokens after the template crop (the real model: 256)
 PROMPTS = ["a cat walks", "a red car drives down a wet street at night while rain falls on the window"]
-CPU = torch.device("cpu")
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return HunyuanVideoAdapter.save_tiny_random(str(tmp_path_factory.mktemp("hv") / "tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_dir: str) -> HunyuanVideoAdapter:
-    a = HunyuanVideoAdapter(tiny_dir, dtype=torch.float32)
-    a.max_sequence_length = TEXT
-    return a
-
-
-@pytest.fixture(scope="module")
-def encoders(adapter: HunyuanVideoAdapter):
-    return adapter.load_encoders(CPU)
-
-
-@pytest.fixture(scope="module")
-def cond(adapter: HunyuanVideoAdapter, encoders) -> dict:
-    return adapter.encode_prompts(encoders, PROMPTS)
-
-
-def _batch(adapter: HunyuanVideoAdapter, b: int = 2, seed: int = 0, latent: tuple = LATENT):
-    g = torch.Generator().manual_seed(seed)
-    latents, noise = torch.randn(b, *latent, generator=g), torch.randn(b, *latent, generator=g)
-    return adapter.training_pair(latents, noise, torch.linspace(0.3, 0.8, b))
-
-
-def _lora(transformer: torch.nn.Module) -> torch.nn.Module:
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=HunyuanVideoAdapter.default_lora_targets))
-    with torch.no_grad():  # non-zero B: the LoRA path changes the output and every A gets a gradient
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    return transformer
+tiny_dir, adapter, encoders, lora_transformer = family_fixtures(HunyuanVideoAdapter, text=TEXT)
+cond = cond_fixture(PROMPTS)
 
 
 # -- registry and shapes -------------------------------------------------------------------------------------
@@ -72,14 +49,12 @@ def test_geometry(adapter: HunyuanVideoAdapter) -> None:
 
 def test_geometry_of_the_released_configs(tmp_path: Path) -> None:
     """Real-size configs (no weights): 720p at 129 / 253 / 509 frames."""
-    from accelerate import init_empty_weights
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
-    with init_empty_weights():
-        HunyuanVideoTransformer3DModel().save_config(tmp_path / "transformer")
-        AutoencoderKLHunyuanVideo().save_config(tmp_path / "vae")
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
-    adapter = HunyuanVideoAdapter(str(tmp_path))
+    folder = config_only_pipeline(
+        tmp_path, "HunyuanVideoPipeline", transformer=HunyuanVideoTransformer3DModel, vae=AutoencoderKLHunyuanVideo
+    )
+    adapter = HunyuanVideoAdapter(folder)
     for frames, latent_frames in ((129, 33), (253, 64), (509, 128)):
         g = adapter.geometry(frames, 720, 1280)
         assert (g.latent_frames, g.tokens_per_frame) == (latent_frames, 45 * 80)
@@ -220,7 +195,7 @@ def test_dense_processors_equal_stock(adapter: HunyuanVideoAdapter, cond: dict) 
     from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
     tr = adapter.load_transformer()
-    noisy, timesteps, _ = _batch(adapter)
+    noisy, timesteps, _ = training_batch(adapter, LATENT)
     assert cond["encoder_attention_mask"].sum(1).tolist()[0] < TEXT
     with torch.no_grad():
         stock = adapter.predict(tr, noisy, timesteps, cond)
@@ -242,43 +217,9 @@ def test_dense_processors_equal_stock(adapter: HunyuanVideoAdapter, cond: dict) 
     assert all(type(b.attn.processor) is HunyuanVideoAttnProcessor2_0 for b in tr.single_transformer_blocks)
 
 
-def _loss_and_grads(adapter: HunyuanVideoAdapter, tr, cond: dict, cfg: AttentionConfig, *, checkpointing: bool,
-                    latent: tuple = LATENT):
-    router = adapter.install_attention(tr, cfg, adapter.geometry_from_latents(latent))
-    if checkpointing:
-        tr.enable_gradient_checkpointing()
-    else:
-        tr.disable_gradient_checkpointing()
-    tr.zero_grad(set_to_none=True)
-    noisy, timesteps, target = _batch(adapter, latent=latent)
-    loss = torch.nn.functional.mse_loss(adapter.predict(tr, noisy, timesteps, cond), target)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if "lora" in n and p.grad is not None}
-    return loss.detach(), grads, router
-
-
-@pytest.fixture()
-def lora_transformer(adapter: HunyuanVideoAdapter):
-    tr = _lora(adapter.load_transformer())
-    assert not any(p.requires_grad for n, p in tr.named_parameters() if "lora" not in n)
-    return tr
-
-
 def test_sparse_training_step_gives_finite_lora_grads(adapter: HunyuanVideoAdapter, lora_transformer, cond: dict) -> None:
-    dense_loss, _, _ = _loss_and_grads(adapter, lora_transformer, cond, AttentionConfig(type="dense"), checkpointing=False)
     n_lora = sum(1 for n, _ in lora_transformer.named_parameters() if "lora" in n)
-    cfgs = {
-        "radial": AttentionConfig(type="radial", block_size=16, backend="torch"),
-        "svg2": AttentionConfig(type="svg2", num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0,
-                                kmeans_iters=2, backend="torch"),
-    }
-    for name, cfg in cfgs.items():
-        loss, grads, router = _loss_and_grads(adapter, lora_transformer, cond, cfg, checkpointing=True)
-        assert len(grads) == n_lora, name
-        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values()), name
-        assert 0.0 < router.density() < 1.0, name
-        assert router.step == 1, name  # checkpoint recomputation does not start a step
-        assert not torch.allclose(loss, dense_loss), name  # the sparse path really ran
+    check_sparse_step_gives_finite_lora_grads(joint_step(adapter, lora_transformer, cond, LATENT), n_lora)
 
 
 def test_radial_triton_kernel_path(adapter: HunyuanVideoAdapter, cond: dict) -> None:
@@ -287,37 +228,20 @@ def test_radial_triton_kernel_path(adapter: HunyuanVideoAdapter, cond: dict) -> 
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(0)
-    tr = _lora(HunyuanVideoTransformer3DModel(
+    tr = HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=1, attention_head_dim=64, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(16, 24, 24)))
-    results = {}
-    for backend in ("torch", "triton"):
-        cfg = AttentionConfig(type="radial", block_size=64, backend=backend)
-        results[backend] = _loss_and_grads(adapter, tr, cond, cfg, checkpointing=False, latent=(4, 17, 8, 8))
-    (loss_t, grads_t, router), (loss_k, grads_k, _) = results["torch"], results["triton"]
-    assert 0.0 < router.density() < 1.0
-    torch.testing.assert_close(loss_k, loss_t, atol=1e-5, rtol=1e-4)
-    assert grads_k.keys() == grads_t.keys() and grads_t
-    for n, g in grads_t.items():
-        torch.testing.assert_close(grads_k[n], g, atol=1e-5, rtol=1e-3)
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(16, 24, 24))
+    tr = add_lora(tr, HunyuanVideoAdapter.default_lora_targets)
+    check_triton_radial_matches_torch(joint_step(adapter, tr, cond, (4, 17, 8, 8)))
 
 
 def test_all_true_radial_mask_gives_the_dense_loss(adapter: HunyuanVideoAdapter, lora_transformer, cond: dict) -> None:
-    dense_loss, dense_grads, _ = _loss_and_grads(adapter, lora_transformer, cond, AttentionConfig(type="dense"), checkpointing=False)
-    cfg = AttentionConfig(type="radial", block_size=128, backend="torch")  # one block >= 96 tokens: all True
-    loss, grads, router = _loss_and_grads(adapter, lora_transformer, cond, cfg, checkpointing=True)
-    assert router.density() == 1.0
-    torch.testing.assert_close(loss, dense_loss, atol=1e-6, rtol=1e-5)
-    for n, g in grads.items():
-        torch.testing.assert_close(g, dense_grads[n], atol=1e-6, rtol=1e-4)
+    # one block of 128 >= 96 tokens: all True
+    check_all_true_radial_mask_gives_the_dense_loss(joint_step(adapter, lora_transformer, cond, LATENT), 128)
 
 
 def test_pipeline_runs_with_sparse_processors(adapter: HunyuanVideoAdapter, encoders) -> None:
-    tr = adapter.load_transformer()
-    cfg = AttentionConfig(type="radial", block_size=16, dense_layers=1, backend="torch")
-    router = adapter.install_attention(tr, cfg, adapter.geometry(FRAMES, HEIGHT, WIDTH))
-    pipe = adapter.load_pipeline(transformer=tr, encoders=encoders)
-    assert pipe.transformer is tr
+    pipe, router = sparse_pipeline(adapter, encoders, adapter.geometry(FRAMES, HEIGHT, WIDTH))
     video = pipe(prompt="a cat walks", num_frames=FRAMES, height=HEIGHT, width=WIDTH, num_inference_steps=2,
                  max_sequence_length=TEXT, generator=torch.Generator().manual_seed(0), output_type="np").frames
     assert video.shape == (1, FRAMES, HEIGHT, WIDTH, 3) and np.isfinite(video).all()
@@ -387,7 +311,7 @@ def test_refiner_fused_names_follow_the_original_weights(adapter: HunyuanVideoAd
 
 def test_predict_checks_cond(adapter: HunyuanVideoAdapter, cond: dict) -> None:
     tr = adapter.load_transformer()
-    noisy, timesteps, _ = _batch(adapter)
+    noisy, timesteps, _ = training_batch(adapter, LATENT)
     with pytest.raises(ValueError, match=r"cond is missing \['pooled_projections'\]"):
         adapter.predict(tr, noisy, timesteps, {k: v for k, v in cond.items() if k != "pooled_projections"})
     with torch.no_grad():  # the embedded guidance reaches the model (the pipeline samples with 6.0 * 1000)

@@ -3,43 +3,28 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig
+from models_helpers import (
+    CPU,
+    check_all_true_radial_mask_gives_the_dense_loss,
+    check_sparse_step_gives_finite_lora_grads,
+    family_fixtures,
+    loss_and_grads,
+    sparse_pipeline,
+)
 
 from train.config_schema import AttentionConfig
 from train.models import ADAPTERS, get_adapter
 from train.models.wan import WanAdapter, WanSparseAttnProcessor
 
 FRAMES, HEIGHT, WIDTH = 17, 64, 64  # -> latents [B, 4, 5, 8, 8], 5 x 16 = 80 video tokens
-CPU = torch.device("cpu")
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return WanAdapter.save_tiny_random(str(tmp_path_factory.mktemp("wan") / "tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_dir: str) -> WanAdapter:
-    return WanAdapter(tiny_dir, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def encoders(adapter: WanAdapter):
-    return adapter.load_encoders(CPU)
-
-
-def _lora(transformer: torch.nn.Module) -> torch.nn.Module:
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=WanAdapter.default_lora_targets))
-    with torch.no_grad():  # non-zero B, so that the LoRA path changes the output and every A gets a gradient
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    return transformer
+tiny_dir, adapter, encoders, lora_transformer = family_fixtures(WanAdapter)
 
 
 def _batch(adapter: WanAdapter, b: int = 1, seed: int = 0):
@@ -213,52 +198,22 @@ def test_dense_processor_is_bit_identical_to_stock(adapter: WanAdapter) -> None:
 
 
 def _loss_and_grads(adapter: WanAdapter, tr, cfg: AttentionConfig, *, checkpointing: bool):
-    router = adapter.install_attention(tr, cfg, adapter.geometry(FRAMES, HEIGHT, WIDTH))
-    if checkpointing:
-        tr.enable_gradient_checkpointing()
-    else:
-        tr.disable_gradient_checkpointing()
-    tr.zero_grad(set_to_none=True)
     noisy, timesteps, target, cond = _batch(adapter)
-    loss = torch.nn.functional.mse_loss(adapter.predict(tr, noisy, timesteps, cond), target)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if "lora" in n}
-    return loss.detach(), grads, router
-
-
-@pytest.fixture()
-def lora_transformer(adapter: WanAdapter):
-    tr = _lora(adapter.load_transformer())
-    assert not any(p.requires_grad for n, p in tr.named_parameters() if "lora" not in n)
-    return tr
+    geometry = adapter.geometry(FRAMES, HEIGHT, WIDTH)
+    loss, grads, router = loss_and_grads(adapter, tr, cfg, geometry, (noisy, timesteps, target), cond,
+                                         checkpointing=checkpointing)
+    assert grads.keys() == {n for n, _ in tr.named_parameters() if "lora" in n}  # every LoRA parameter got one
+    return loss, grads, router
 
 
 def test_sparse_training_step_gives_finite_lora_grads(adapter: WanAdapter, lora_transformer) -> None:
-    dense = AttentionConfig(type="dense")
-    dense_loss, dense_grads, _ = _loss_and_grads(adapter, lora_transformer, dense, checkpointing=False)
-    cfgs = {
-        "radial": AttentionConfig(type="radial", block_size=16, backend="torch"),
-        "svg2": AttentionConfig(type="svg2", num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0,
-                                kmeans_iters=2, backend="torch"),
-    }
-    for name, cfg in cfgs.items():
-        loss, grads, router = _loss_and_grads(adapter, lora_transformer, cfg, checkpointing=True)
-        assert len(grads) == 2 * 2 * 4 * 2  # layers x (attn1, attn2) x (q, k, v, out) x (A, B)
-        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values()), name
-        assert 0.0 < router.density() < 1.0, name
-        assert router.step == 1, name  # checkpoint recomputation does not start a step
-        assert not torch.allclose(loss, dense_loss), name  # the sparse path really ran
+    n_lora = 2 * 2 * 4 * 2  # layers x (attn1, attn2) x (q, k, v, out) x (A, B)
+    check_sparse_step_gives_finite_lora_grads(partial(_loss_and_grads, adapter, lora_transformer), n_lora)
 
 
 def test_all_true_radial_mask_gives_the_dense_loss(adapter: WanAdapter, lora_transformer) -> None:
-    dense = AttentionConfig(type="dense")
-    dense_loss, dense_grads, _ = _loss_and_grads(adapter, lora_transformer, dense, checkpointing=False)
-    cfg = AttentionConfig(type="radial", block_size=96, backend="torch")  # one block > 80 tokens: all True
-    loss, grads, router = _loss_and_grads(adapter, lora_transformer, cfg, checkpointing=True)
-    assert router.density() == 1.0
-    torch.testing.assert_close(loss, dense_loss, atol=1e-6, rtol=1e-5)
-    for n, g in grads.items():
-        torch.testing.assert_close(g, dense_grads[n], atol=1e-6, rtol=1e-4)
+    # one block of 96 > 80 tokens: all True
+    check_all_true_radial_mask_gives_the_dense_loss(partial(_loss_and_grads, adapter, lora_transformer), 96)
 
 
 def test_svg2_checkpointing_replays_the_routing(adapter: WanAdapter, lora_transformer) -> None:
@@ -274,11 +229,7 @@ def test_svg2_checkpointing_replays_the_routing(adapter: WanAdapter, lora_transf
 
 
 def test_pipeline_runs_with_sparse_processors(adapter: WanAdapter, encoders) -> None:
-    tr = adapter.load_transformer()
-    cfg = AttentionConfig(type="radial", block_size=16, dense_layers=1, backend="torch")
-    router = adapter.install_attention(tr, cfg, adapter.geometry(FRAMES, HEIGHT, WIDTH))
-    pipe = adapter.load_pipeline(transformer=tr, encoders=encoders)
-    assert pipe.transformer is tr
+    pipe, router = sparse_pipeline(adapter, encoders, adapter.geometry(FRAMES, HEIGHT, WIDTH))
     kwargs = dict(prompt="a cat walks", negative_prompt="blurry", num_inference_steps=2, guidance_scale=5.0,
                   max_sequence_length=encoders.max_sequence_length, output_type="np")
     gen = torch.Generator().manual_seed(0)

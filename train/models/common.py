@@ -1,19 +1,23 @@
-"""Small pieces the HunyuanVideo and Mochi adapters share: input checks, geometry, config reading, the
-router step hook and atomic pipeline writing. Family knowledge stays in the adapter files."""
+"""What the family adapters share: input checks, geometry, config reading, the router step hook, atomic
+pipeline writing, and two adapter bases keyed by class attributes - :class:`DiffusersAdapter` (every family:
+config reading, transformer loading, router processors) and :class:`PipelineAdapter` (HunyuanVideo and Mochi:
+one constructor, geometry, noise levels and pipeline loading). Family knowledge stays in the adapter files."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
 import weakref
+from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
 
-from train.models.base import VideoGeometry
+from train.models.base import ModelAdapter, VideoGeometry
 
 #: diffusers pipeline class -> our family name (for "this folder is another family" messages).
 PIPELINE_FAMILIES = {"WanPipeline": "wan", "HunyuanVideoPipeline": "hunyuan_video", "MochiPipeline": "mochi"}
@@ -24,6 +28,19 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     from diffusers.utils import deprecation_utils
 
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def diffusers_class(name: str) -> Any:
+    """A diffusers class by name, imported on use (importing an adapter module stays cheap)."""
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def import_object(target: str) -> Any:
+    """``"module:Name"`` -> the object (imported on use)."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -151,11 +168,6 @@ def sample_noise_levels(
     return sigma.clamp(1e-4, 1.0 - 1e-4).to(device)
 
 
-def shifted_uniform(batch: int, shift: float, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """:func:`sample_noise_levels` with uniform u."""
-    return sample_noise_levels(batch, shift, "uniform", generator, device)
-
-
 def check_shift(shift: Optional[float], default: float) -> float:
     if shift is None:
         return default
@@ -171,6 +183,12 @@ def broadcast_sigmas(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.T
     if sigmas.dim() != 1 or sigmas.shape[0] != latents.shape[0]:
         raise ValueError(f"sigmas must be [B] = [{latents.shape[0]}], got {tuple(sigmas.shape)}")
     return sigmas.to(latents.device, torch.float32).view(-1, *([1] * (latents.dim() - 1)))
+
+
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_s = (1-s) x0 + s noise in the latents' dtype (the straight flow-matching path), shapes checked."""
+    s = broadcast_sigmas(latents, noise, sigmas)
+    return ((1.0 - s) * latents + s * noise).to(latents.dtype)
 
 
 def write_pipeline_atomically(pipe: Any, out_dir: str | os.PathLike) -> str:
@@ -189,6 +207,37 @@ def write_pipeline_atomically(pipe: Any, out_dir: str | os.PathLike) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(out)
+
+
+# -- attention processors ------------------------------------------------------------------------------------
+
+
+class RouterAttnProcessor:
+    """Base of the families' router processors: the shared router and the block's layer index (by which the
+    router keeps per-layer state and dense layers)."""
+
+    def __init__(self, router: Any, layer_idx: int) -> None:
+        self.router = router
+        self.layer_idx = layer_idx
+
+
+def project_heads(
+    attn: nn.Module, x: torch.Tensor, projections: tuple[nn.Module, ...], norms: tuple[Optional[nn.Module], ...]
+) -> tuple[torch.Tensor, ...]:
+    """q, k, v of ``x`` as [B, N, heads, D] by three projections, then q and k through their (per-head) norms
+    where the attention module has them: the stock order of the HunyuanVideo and Mochi processors."""
+    q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projections)
+    norm_q, norm_k = norms
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
+def set_processor(attn: nn.Module, processor: Any) -> None:
+    """``attn.set_processor`` where the module has it (diffusers ``Attention``); ``MochiAttention`` has none and
+    its forward reads ``attn.processor``, so there it is assigned."""
+    if hasattr(attn, "set_processor"):
+        attn.set_processor(processor)
+    else:
+        attn.processor = processor
 
 
 # -- router step hook ----------------------------------------------------------------------------------------
@@ -241,3 +290,172 @@ def check_cond(cond: Any, keys: tuple[str, ...]) -> None:
     missing = [k for k in keys if not isinstance(cond, dict) or k not in cond]
     if missing:
         raise ValueError(f"cond is missing {missing}; pass what encode_prompts returned")
+
+
+# -- adapter bases -------------------------------------------------------------------------------------------
+
+
+class DiffusersAdapter(ModelAdapter):
+    """What every diffusers family does alike, keyed by its class attributes: reading ``model_index.json`` and
+    the transformer / VAE configs of ``pretrained`` (once, checked), loading the transformer, and routing the
+    video attention through the family's router processor (and back to stock).
+
+    Installing attention also registers a forward pre-hook that starts a router step per transformer forward
+    and keeps the router's geometry equal to the latents actually passed in (buckets, validation at another
+    size), so neither the trainer nor the pipelines call ``begin_step``. Installing again replaces the router.
+    """
+
+    #: diffusers classes of the pipeline (``model_index.json`` ``_class_name``), ``transformer`` and ``vae``.
+    pipeline_class: ClassVar[str]
+    transformer_class: ClassVar[str]
+    vae_class: ClassVar[str]
+    #: An attribute only that transformer has, checked before processors are installed.
+    transformer_marker: ClassVar[str]
+    #: ``model=`` of the family's AttentionRouter (its mask layout).
+    router_model: ClassVar[str]
+    #: The family's processor, and the stock diffusers processor (``"module:Class"``) it replaces.
+    router_processor: ClassVar[type[RouterAttnProcessor]]
+    stock_processor: ClassVar[str]
+
+    def __init__(self, pretrained: str, revision: Optional[str] = None, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__(pretrained, revision, dtype)
+        self._index: Optional[dict] = None
+        self._configs: dict[str, dict] = {}
+
+    # -- configs ---------------------------------------------------------------------------------------------
+    def model_index(self) -> dict:
+        """model_index.json of ``pretrained``, checked to hold the family's pipeline; read once."""
+        if self._index is None:
+            self._index = read_model_index(self.pretrained, self.revision, self.pipeline_class)
+        return self._index
+
+    def _config(self, subfolder: str) -> dict:
+        """config.json of the ``transformer`` or ``vae`` subfolder (after the model_index check); read once."""
+        if subfolder not in self._configs:
+            self.model_index()
+            cls = diffusers_class(self.transformer_class if subfolder == "transformer" else self.vae_class)
+            self._configs[subfolder] = read_component_config(cls, self.pretrained, subfolder, self.revision)
+        return self._configs[subfolder]
+
+    def _check_pretrained(self) -> None:
+        """Raise the ValueError naming model.pretrained before anything is loaded from it."""
+        self.model_index()
+
+    # -- shapes and loading ----------------------------------------------------------------------------------
+    @abstractmethod
+    def geometry_from_latents(self, shape: tuple[int, ...]) -> VideoGeometry:
+        """Geometry of latents ``[B, C, T, h, w]`` (the router follows it from forward to forward)."""
+
+    def load_transformer(self) -> nn.Module:
+        self._check_pretrained()
+        return diffusers_class(self.transformer_class).from_pretrained(
+            self.pretrained, subfolder="transformer", revision=self.revision, **dtype_kwarg(self.dtype)
+        )
+
+    def _pipeline(self, **components: Any) -> Any:
+        """The family's pipeline from ``pretrained`` in ``dtype``; ``components`` replace the stored ones."""
+        self._check_pretrained()
+        return diffusers_class(self.pipeline_class).from_pretrained(
+            self.pretrained, revision=self.revision, **dtype_kwarg(self.dtype), **components
+        )
+
+    # -- attention -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _routed_attentions(self, model: nn.Module) -> list[nn.Module]:
+        """The attention modules that get the router processor, in ``layer_idx`` order."""
+
+    def install_attention(self, transformer: nn.Module, attention: Any, geometry: VideoGeometry) -> Any:
+        """The family's router processor on every routed attention module; returns the ``AttentionRouter``."""
+        from train.attention import AttentionRouter
+
+        model = unwrap(transformer)
+        if not hasattr(model, self.transformer_marker):
+            raise TypeError(f"expected a {self.transformer_class}, got {type(model).__name__}")
+        router = AttentionRouter(attention, geometry, model=self.router_model)
+        for idx, attn in enumerate(self._routed_attentions(model)):
+            set_processor(attn, self.router_processor(router, idx))
+        set_step_hook(model, StepHook(router, self.geometry_from_latents))
+        return router
+
+    def remove_attention(self, transformer: nn.Module) -> None:
+        """Back to diffusers' stock processors; drops the step hook."""
+        stock = import_object(self.stock_processor)
+        model = unwrap(transformer)
+        set_step_hook(model, None)
+        for attn in self._routed_attentions(model):
+            if isinstance(attn.processor, self.router_processor):
+                set_processor(attn, stock())
+
+
+class PipelineAdapter(DiffusersAdapter):
+    """HunyuanVideo and Mochi: the same constructor (checked ``train.timestep_shift`` / ``timestep_sampling``),
+    geometry from the VAE and patch factors, shifted noise levels, and the encoders and sampler loaded through
+    the family's pipeline class (so classes and dtypes are exactly the pipeline's)."""
+
+    #: Family name in messages ("frames must be of the form 4k+1 for HunyuanVideo").
+    display_name: ClassVar[str]
+    #: ``train.timestep_shift`` when none is given.
+    default_shift: ClassVar[float]
+    #: Pipeline components the family's encoders object holds under the same names (VAE, text encoders,
+    #: tokenizers); load_pipeline hands them back to the pipeline.
+    encoder_components: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: Optional[str] = None,
+        dtype: torch.dtype = torch.bfloat16,
+        *,
+        shift: Optional[float] = None,
+        timestep_sampling: str = "uniform",
+    ) -> None:
+        super().__init__(pretrained, revision, dtype)
+        #: Timestep shift of the training noise levels (``train.timestep_shift``; default ``default_shift``).
+        self.shift = check_shift(shift, self.default_shift)
+        #: Distribution of u before the shift (``train.timestep_sampling``): "uniform" or "logit_normal".
+        self.timestep_sampling = check_timestep_sampling(timestep_sampling)
+
+    # -- shapes ----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _factors(self) -> tuple[int, int, int]:
+        """(VAE temporal, VAE spatial, patch) from the configs."""
+
+    def geometry(self, frames: int, height: int, width: int) -> VideoGeometry:
+        t_factor, s_factor, patch = self._factors()
+        return video_geometry(
+            frames, height, width, t_factor=t_factor, s_factor=s_factor, patch=patch, family=self.display_name
+        )
+
+    def geometry_from_latents(self, shape: tuple[int, ...]) -> VideoGeometry:
+        """Geometry of latents ``[B, C, T, h, w]`` (the pixel sizes they decode to)."""
+        t_factor, s_factor, _ = self._factors()
+        t, h, w = (int(x) for x in shape[-3:])
+        return self.geometry((t - 1) * t_factor + 1, h * s_factor, w * s_factor)
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def load_pipeline(self, transformer: Optional[nn.Module] = None, encoders: Any = None) -> Any:
+        """The family's pipeline of ``pretrained``; ``transformer`` / ``encoders`` replace the stored ones (the
+        trainer's live weights, and encoders already in memory instead of a second copy of the text encoders)."""
+        components: dict[str, Any] = {}
+        if transformer is not None:
+            components["transformer"] = unwrap(transformer)
+        if encoders is not None:
+            components.update({name: getattr(encoders, name) for name in self.encoder_components})
+        return self._pipeline(**components)
+
+    def _encoder_pipeline(self, device: torch.device) -> Any:
+        """The pipeline without its transformer, VAE and text encoders frozen on ``device``, VAE tiling on (long
+        clips would not fit otherwise)."""
+        pipe = self._pipeline(transformer=None)
+        for name in self.encoder_components:
+            part = getattr(pipe, name)
+            if isinstance(part, nn.Module):
+                part.to(device).eval().requires_grad_(False)
+        pipe.vae.enable_tiling()
+        return pipe
+
+    # -- flow matching ---------------------------------------------------------------------------------------
+    def sample_sigmas(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+        """u ~ U(0, 1) (or sigmoid(N(0, 1)) with ``timestep_sampling="logit_normal"``) through the shift
+        ``s = shift*u / (1 + (shift-1)*u)``; ``default_shift`` unless configured (the family module says why)."""
+        return sample_noise_levels(batch, self.shift, self.timestep_sampling, generator, torch.device(device))

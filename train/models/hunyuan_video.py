@@ -49,29 +49,21 @@ import torch
 from torch import nn
 
 from train.models import common
-from train.models.base import ModelAdapter, VideoGeometry
 
 __all__ = ["HunyuanVideoAdapter", "HunyuanVideoEncoders", "HunyuanVideoRouterAttnProcessor"]
-
-FAMILY = "hunyuan_video"
-PIPELINE_CLASS = "HunyuanVideoPipeline"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # attention processor
 
 
-class HunyuanVideoRouterAttnProcessor:
+class HunyuanVideoRouterAttnProcessor(common.RouterAttnProcessor):
     """``HunyuanVideoAttnProcessor2_0`` with its joint attention routed through an ``AttentionRouter``.
 
     Same projections, QK norms, RoPE (video part only) and output split as the stock processor, so with a dense
     router the model output is the stock output. Works for the double-stream blocks (separate ``add_*_proj``
     text projections) and the single-stream blocks (text concatenated to ``hidden_states`` here, as stock).
     """
-
-    def __init__(self, router: Any, layer_idx: int) -> None:
-        self.router = router
-        self.layer_idx = layer_idx
 
     def __call__(
         self,
@@ -88,13 +80,9 @@ class HunyuanVideoRouterAttnProcessor:
         if single_stream:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = common.project_heads(
+            attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
+        )
 
         if image_rotary_emb is not None:  # RoPE on the video tokens only
             n_video = query.shape[1] - (text_tokens if single_stream else 0)
@@ -104,13 +92,12 @@ class HunyuanVideoRouterAttnProcessor:
             key = torch.cat([rope_k, key[:, n_video:]], dim=1)
 
         if attn.add_q_proj is not None and encoder_hidden_states is not None:  # double-stream: text projections
-            enc_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            enc_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            enc_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                enc_q = attn.norm_added_q(enc_q)
-            if attn.norm_added_k is not None:
-                enc_k = attn.norm_added_k(enc_k)
+            enc_q, enc_k, enc_v = common.project_heads(
+                attn,
+                encoder_hidden_states,
+                (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                (attn.norm_added_q, attn.norm_added_k),
+            )
             query = torch.cat([query, enc_q], dim=1)
             key = torch.cat([key, enc_k], dim=1)
             value = torch.cat([value, enc_v], dim=1)
@@ -225,13 +212,23 @@ class HunyuanVideoEncoders:
     device: torch.device
 
 
-class HunyuanVideoAdapter(ModelAdapter):
+class HunyuanVideoAdapter(common.PipelineAdapter):
     """HunyuanVideo T2V over diffusers (``hunyuanvideo-community/HunyuanVideo`` layout)."""
 
-    family = FAMILY
+    family = "hunyuan_video"
+    display_name = "HunyuanVideo"
     frame_multiple = 4
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    #: Timestep shift of the training noise levels: 7.0, the sampler's.
     default_shift = 7.0
+    pipeline_class = "HunyuanVideoPipeline"
+    transformer_class = "HunyuanVideoTransformer3DModel"
+    vae_class = "AutoencoderKLHunyuanVideo"
+    encoder_components = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    transformer_marker = "single_transformer_blocks"
+    router_model = "hunyuan"
+    router_processor = HunyuanVideoRouterAttnProcessor
+    stock_processor = "diffusers.models.transformers.transformer_hunyuan_video:HunyuanVideoAttnProcessor2_0"
     #: Embedded guidance the distilled transformer is conditioned on during training (times 1000 in the model).
     train_guidance_scale = 1.0
     #: Llama text length after the template crop (the pipeline's ``max_sequence_length`` default).
@@ -241,39 +238,7 @@ class HunyuanVideoAdapter(ModelAdapter):
     #: Llama hidden states skipped from the end (the pipeline's ``num_hidden_layers_to_skip``).
     num_hidden_layers_to_skip = 2
 
-    def __init__(
-        self,
-        pretrained: str,
-        revision: Optional[str] = None,
-        dtype: torch.dtype = torch.bfloat16,
-        *,
-        shift: Optional[float] = None,
-        timestep_sampling: str = "uniform",
-    ) -> None:
-        super().__init__(pretrained, revision, dtype)
-        #: Timestep shift of the training noise levels (``train.timestep_shift``; default 7.0, the sampler's).
-        self.shift = common.check_shift(shift, self.default_shift)
-        #: Distribution of u before the shift (``train.timestep_sampling``): "uniform" or "logit_normal".
-        self.timestep_sampling = common.check_timestep_sampling(timestep_sampling)
-        self._index: Optional[dict] = None
-        self._configs: dict[str, dict] = {}
-
     # -- configs ---------------------------------------------------------------------------------------------
-    def model_index(self) -> dict:
-        """model_index.json of ``pretrained`` (checked to be a HunyuanVideoPipeline)."""
-        if self._index is None:
-            self._index = common.read_model_index(self.pretrained, self.revision, PIPELINE_CLASS)
-        return self._index
-
-    def _config(self, subfolder: str) -> dict:
-        if subfolder not in self._configs:
-            from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
-
-            self.model_index()
-            cls = HunyuanVideoTransformer3DModel if subfolder == "transformer" else AutoencoderKLHunyuanVideo
-            self._configs[subfolder] = common.read_component_config(cls, self.pretrained, subfolder, self.revision)
-        return self._configs[subfolder]
-
     def _factors(self) -> tuple[int, int, int]:
         """(VAE temporal, VAE spatial, patch) from the configs."""
         vae, tr = self._config("vae"), self._config("transformer")
@@ -282,65 +247,15 @@ class HunyuanVideoAdapter(ModelAdapter):
         t_factor, s_factor = int(vae.get("temporal_compression_ratio", 4)), int(vae.get("spatial_compression_ratio", 8))
         return t_factor, s_factor, int(tr.get("patch_size", 2))
 
-    # -- shapes ----------------------------------------------------------------------------------------------
-    def geometry(self, frames: int, height: int, width: int) -> VideoGeometry:
-        t_factor, s_factor, patch = self._factors()
-        return common.video_geometry(
-            frames, height, width, t_factor=t_factor, s_factor=s_factor, patch=patch, family="HunyuanVideo"
-        )
-
-    def geometry_from_latents(self, shape: tuple[int, ...]) -> VideoGeometry:
-        """Geometry of latents ``[B, C, T, h, w]`` (the pixel sizes they decode to)."""
-        t_factor, s_factor, _ = self._factors()
-        t, h, w = (int(x) for x in shape[-3:])
-        return self.geometry((t - 1) * t_factor + 1, h * s_factor, w * s_factor)
-
     # -- loading ---------------------------------------------------------------------------------------------
-    def load_transformer(self) -> nn.Module:
-        from diffusers import HunyuanVideoTransformer3DModel
-
-        self.model_index()
-        return HunyuanVideoTransformer3DModel.from_pretrained(
-            self.pretrained, subfolder="transformer", revision=self.revision, **common.dtype_kwarg(self.dtype)
-        )
-
-    def load_pipeline(
-        self, transformer: Optional[nn.Module] = None, encoders: Optional[HunyuanVideoEncoders] = None
-    ) -> Any:
-        """``HunyuanVideoPipeline`` of ``pretrained``; ``transformer`` / ``encoders`` replace the stored ones
-        (the trainer's live weights, and encoders already in memory instead of a second Llama)."""
-        from diffusers import HunyuanVideoPipeline
-
-        self.model_index()
-        kwargs: dict[str, Any] = {"revision": self.revision, **common.dtype_kwarg(self.dtype)}
-        if transformer is not None:
-            kwargs["transformer"] = common.unwrap(transformer)
-        if encoders is not None:
-            kwargs.update(
-                vae=encoders.vae,
-                text_encoder=encoders.text_encoder,
-                tokenizer=encoders.tokenizer,
-                text_encoder_2=encoders.text_encoder_2,
-                tokenizer_2=encoders.tokenizer_2,
-            )
-        return HunyuanVideoPipeline.from_pretrained(self.pretrained, **kwargs)
-
     def load_encoders(self, device: torch.device) -> HunyuanVideoEncoders:
         """VAE (tiling on: long 720p clips would not fit otherwise), Llama + CLIP and their tokenizers, frozen.
 
         Loaded through ``HunyuanVideoPipeline.from_pretrained`` without its transformer, so classes and dtypes
         are exactly those the pipeline uses.
         """
-        from diffusers import HunyuanVideoPipeline
-
-        self.model_index()
-        pipe = HunyuanVideoPipeline.from_pretrained(
-            self.pretrained, transformer=None, revision=self.revision, **common.dtype_kwarg(self.dtype)
-        )
         device = torch.device(device)
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            module.to(device).eval().requires_grad_(False)
-        pipe.vae.enable_tiling()
+        pipe = self._encoder_pipeline(device)
         return HunyuanVideoEncoders(
             pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2, device
         )
@@ -396,18 +311,12 @@ class HunyuanVideoAdapter(ModelAdapter):
         return torch.full((batch,), float(self.train_guidance_scale) * 1000.0, device=device, dtype=torch.float32)
 
     # -- flow matching ---------------------------------------------------------------------------------------
-    def sample_sigmas(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-        """u ~ U(0, 1) (or sigmoid(N(0, 1)) with ``timestep_sampling="logit_normal"``) through the sampler's shift
-        (7.0): with uniform u, the noise levels the pipeline's steps visit."""
-        return common.sample_noise_levels(batch, self.shift, self.timestep_sampling, generator, torch.device(device))
-
     def training_pair(
         self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_s = (1-s) x0 + s noise; timestep 1000 s; target noise - x0 (what the Euler sampler integrates)."""
-        s = common.broadcast_sigmas(latents, noise, sigmas)
-        noisy = (1.0 - s) * latents + s * noise
-        return noisy.to(latents.dtype), sigmas.to(latents.device, torch.float32) * 1000.0, noise - latents
+        noisy = common.noisy_latents(latents, noise, sigmas)
+        return noisy, sigmas.to(latents.device, torch.float32) * 1000.0, noise - latents
 
     def predict(
         self, transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
@@ -433,36 +342,9 @@ class HunyuanVideoAdapter(ModelAdapter):
         return out.float()
 
     # -- attention -------------------------------------------------------------------------------------------
-    def install_attention(self, transformer: nn.Module, attention: Any, geometry: VideoGeometry) -> Any:
-        """Router processors on every double- and single-stream block; returns the ``AttentionRouter``.
-
-        A forward pre-hook starts a router step per transformer forward and follows the latent grid of the
-        input (other buckets, validation sizes), so trainer and pipelines need no extra calls. Installing again
-        replaces the previous router.
-        """
-        from train.attention import AttentionRouter
-
-        model = common.unwrap(transformer)
-        if not hasattr(model, "single_transformer_blocks"):
-            raise TypeError(f"expected a HunyuanVideoTransformer3DModel, got {type(model).__name__}")
-        router = AttentionRouter(attention, geometry, model="hunyuan")
-        doubles, singles = list(model.transformer_blocks), list(model.single_transformer_blocks)
-        for i, block in enumerate(doubles):
-            block.attn.set_processor(HunyuanVideoRouterAttnProcessor(router, i))
-        for j, block in enumerate(singles):
-            block.attn.set_processor(HunyuanVideoRouterAttnProcessor(router, len(doubles) + j))
-        common.set_step_hook(model, common.StepHook(router, self.geometry_from_latents))
-        return router
-
-    def remove_attention(self, transformer: nn.Module) -> None:
-        """Back to diffusers' stock processors; drops the step hook."""
-        from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
-
-        model = common.unwrap(transformer)
-        common.set_step_hook(model, None)
-        for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
-            if isinstance(block.attn.processor, HunyuanVideoRouterAttnProcessor):
-                block.attn.set_processor(HunyuanVideoAttnProcessor2_0())
+    def _routed_attentions(self, model: nn.Module) -> list[nn.Module]:
+        """Every double-stream block's ``attn``, then every single-stream block's (the token refiner stays)."""
+        return [block.attn for block in list(model.transformer_blocks) + list(model.single_transformer_blocks)]
 
     # -- tiny models -----------------------------------------------------------------------------------------
     @classmethod

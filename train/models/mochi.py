@@ -47,12 +47,8 @@ import torch
 from torch import nn
 
 from train.models import common
-from train.models.base import ModelAdapter, VideoGeometry
 
 __all__ = ["MochiAdapter", "MochiEncoders", "MochiRouterAttnProcessor"]
-
-FAMILY = "mochi"
-PIPELINE_CLASS = "MochiPipeline"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +63,7 @@ def _mochi_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return torch.stack([rot_even, rot_odd], dim=-1).flatten(-2)
 
 
-class MochiRouterAttnProcessor:
+class MochiRouterAttnProcessor(common.RouterAttnProcessor):
     """``MochiAttnProcessor2_0`` with its joint attention routed through an ``AttentionRouter``.
 
     Stock Mochi runs one SDPA per sample over the video tokens and that sample's valid text tokens, and writes
@@ -75,10 +71,6 @@ class MochiRouterAttnProcessor:
     mask; the text rows are then put in the stock layout (valid rows in order, zero rows after), so with a dense
     router the block outputs are the stock ones.
     """
-
-    def __init__(self, router: Any, layer_idx: int) -> None:
-        self.router = router
-        self.layer_idx = layer_idx
 
     def __call__(
         self,
@@ -88,12 +80,15 @@ class MochiRouterAttnProcessor:
         attention_mask: torch.Tensor,
         image_rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        enc_q = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)))
-        enc_k = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)))
-        enc_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        query, key, value = common.project_heads(
+            attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
+        )
+        enc_q, enc_k, enc_v = common.project_heads(
+            attn,
+            encoder_hidden_states,
+            (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+            (attn.norm_added_q, attn.norm_added_k),
+        )
         if image_rotary_emb is not None:  # video tokens only
             query = _mochi_rope(query, *image_rotary_emb)
             key = _mochi_rope(key, *image_rotary_emb)
@@ -147,49 +142,27 @@ class MochiEncoders:
     device: torch.device
 
 
-class MochiAdapter(ModelAdapter):
+class MochiAdapter(common.PipelineAdapter):
     """Mochi 1 preview over diffusers (``genmo/mochi-1-preview`` layout)."""
 
-    family = FAMILY
+    family = "mochi"
+    display_name = "Mochi"
     frame_multiple = 6
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    #: Timestep shift of the training noise levels: 1.0 = uniform (Genmo's fine-tuner).
     default_shift = 1.0
+    pipeline_class = "MochiPipeline"
+    transformer_class = "MochiTransformer3DModel"
+    vae_class = "AutoencoderKLMochi"
+    encoder_components = ("vae", "text_encoder", "tokenizer")
+    transformer_marker = "pos_frequencies"
+    router_model = "mochi"
+    router_processor = MochiRouterAttnProcessor
+    stock_processor = "diffusers.models.attention_processor:MochiAttnProcessor2_0"
     #: T5 text length (the pipeline's ``max_sequence_length`` default).
     max_sequence_length = 256
 
-    def __init__(
-        self,
-        pretrained: str,
-        revision: Optional[str] = None,
-        dtype: torch.dtype = torch.bfloat16,
-        *,
-        shift: Optional[float] = None,
-        timestep_sampling: str = "uniform",
-    ) -> None:
-        super().__init__(pretrained, revision, dtype)
-        #: Timestep shift of the training noise levels (``train.timestep_shift``; default 1.0 = uniform).
-        self.shift = common.check_shift(shift, self.default_shift)
-        #: Distribution of u before the shift (``train.timestep_sampling``): "uniform" or "logit_normal".
-        self.timestep_sampling = common.check_timestep_sampling(timestep_sampling)
-        self._index: Optional[dict] = None
-        self._configs: dict[str, dict] = {}
-
     # -- configs ---------------------------------------------------------------------------------------------
-    def model_index(self) -> dict:
-        """model_index.json of ``pretrained`` (checked to be a MochiPipeline)."""
-        if self._index is None:
-            self._index = common.read_model_index(self.pretrained, self.revision, PIPELINE_CLASS)
-        return self._index
-
-    def _config(self, subfolder: str) -> dict:
-        if subfolder not in self._configs:
-            from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
-
-            self.model_index()
-            cls = MochiTransformer3DModel if subfolder == "transformer" else AutoencoderKLMochi
-            self._configs[subfolder] = common.read_component_config(cls, self.pretrained, subfolder, self.revision)
-        return self._configs[subfolder]
-
     def _factors(self) -> tuple[int, int, int]:
         """(VAE temporal, VAE spatial, patch) from the configs."""
         vae, tr = self._config("vae"), self._config("transformer")
@@ -201,43 +174,14 @@ class MochiAdapter(ModelAdapter):
             s_factor *= int(f)
         return t_factor, s_factor, int(tr.get("patch_size", 2))
 
-    # -- shapes ----------------------------------------------------------------------------------------------
-    def geometry(self, frames: int, height: int, width: int) -> VideoGeometry:
-        t_factor, s_factor, patch = self._factors()
-        return common.video_geometry(
-            frames, height, width, t_factor=t_factor, s_factor=s_factor, patch=patch, family="Mochi"
-        )
-
-    def geometry_from_latents(self, shape: tuple[int, ...]) -> VideoGeometry:
-        """Geometry of latents ``[B, C, T, h, w]`` (the pixel sizes they decode to)."""
-        t_factor, s_factor, _ = self._factors()
-        t, h, w = (int(x) for x in shape[-3:])
-        return self.geometry((t - 1) * t_factor + 1, h * s_factor, w * s_factor)
-
     # -- loading ---------------------------------------------------------------------------------------------
-    def load_transformer(self) -> nn.Module:
-        from diffusers import MochiTransformer3DModel
-
-        self.model_index()
-        return MochiTransformer3DModel.from_pretrained(
-            self.pretrained, subfolder="transformer", revision=self.revision, **common.dtype_kwarg(self.dtype)
-        )
-
     def load_pipeline(self, transformer: Optional[nn.Module] = None, encoders: Optional[MochiEncoders] = None) -> Any:
         """``MochiPipeline`` of ``pretrained``; ``transformer`` / ``encoders`` replace the stored ones.
 
         ValueError if its scheduler does not invert sigmas: that sampler would not match Mochi's (and our)
         timestep convention.
         """
-        from diffusers import MochiPipeline
-
-        self.model_index()
-        kwargs: dict[str, Any] = {"revision": self.revision, **common.dtype_kwarg(self.dtype)}
-        if transformer is not None:
-            kwargs["transformer"] = common.unwrap(transformer)
-        if encoders is not None:
-            kwargs.update(vae=encoders.vae, text_encoder=encoders.text_encoder, tokenizer=encoders.tokenizer)
-        pipe = MochiPipeline.from_pretrained(self.pretrained, **kwargs)
+        pipe = super().load_pipeline(transformer, encoders)
         if not getattr(pipe.scheduler.config, "invert_sigmas", False):
             raise ValueError(
                 f"model.pretrained: the scheduler of {self.pretrained!r} has invert_sigmas=False; Mochi samples with "
@@ -247,17 +191,9 @@ class MochiAdapter(ModelAdapter):
 
     def load_encoders(self, device: torch.device) -> MochiEncoders:
         """VAE (tiling on, for long clips), T5 and its tokenizer, frozen; loaded as ``MochiPipeline`` loads them."""
-        from diffusers import MochiPipeline
-
-        index = self.model_index()
-        pipe = MochiPipeline.from_pretrained(
-            self.pretrained, transformer=None, revision=self.revision, **common.dtype_kwarg(self.dtype)
-        )
         device = torch.device(device)
-        for module in (pipe.vae, pipe.text_encoder):
-            module.to(device).eval().requires_grad_(False)
-        pipe.vae.enable_tiling()
-        zeros = bool(index.get("force_zeros_for_empty_prompt", False))
+        pipe = self._encoder_pipeline(device)
+        zeros = bool(self.model_index().get("force_zeros_for_empty_prompt", False))
         return MochiEncoders(pipe.vae, pipe.text_encoder, pipe.tokenizer, zeros, device)
 
     # -- conditioning ----------------------------------------------------------------------------------------
@@ -299,19 +235,13 @@ class MochiAdapter(ModelAdapter):
         return {"encoder_hidden_states": embeds.to(encoders.text_encoder.dtype), "encoder_attention_mask": mask}
 
     # -- flow matching ---------------------------------------------------------------------------------------
-    def sample_sigmas(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-        """Noise levels uniform in (0, 1) (Genmo's fine-tuner); ``timestep_sampling="logit_normal"`` and a shift
-        change that when configured."""
-        return common.sample_noise_levels(batch, self.shift, self.timestep_sampling, generator, torch.device(device))
-
     def training_pair(
         self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_s = (1-s) x0 + s noise; timestep 1000 (1 - s); target x0 - noise (Mochi's inverted time)."""
-        s = common.broadcast_sigmas(latents, noise, sigmas)
-        noisy = (1.0 - s) * latents + s * noise
+        noisy = common.noisy_latents(latents, noise, sigmas)
         timesteps = (1.0 - sigmas.to(latents.device, torch.float32)) * 1000.0
-        return noisy.to(latents.dtype), timesteps, latents - noise
+        return noisy, timesteps, latents - noise
 
     def predict(
         self, transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
@@ -330,32 +260,9 @@ class MochiAdapter(ModelAdapter):
         return out.float()
 
     # -- attention -------------------------------------------------------------------------------------------
-    def install_attention(self, transformer: nn.Module, attention: Any, geometry: VideoGeometry) -> Any:
-        """A :class:`MochiRouterAttnProcessor` on every block's ``attn1``; returns the ``AttentionRouter``.
-
-        ``MochiAttention`` has no ``set_processor``: ``module.processor`` is assigned. A forward pre-hook starts
-        a router step per forward and follows the latent grid. Installing again replaces the previous router.
-        """
-        from train.attention import AttentionRouter
-
-        model = common.unwrap(transformer)
-        if not hasattr(model, "pos_frequencies"):
-            raise TypeError(f"expected a MochiTransformer3DModel, got {type(model).__name__}")
-        router = AttentionRouter(attention, geometry, model="mochi")
-        for idx, block in enumerate(model.transformer_blocks):
-            block.attn1.processor = MochiRouterAttnProcessor(router, idx)
-        common.set_step_hook(model, common.StepHook(router, self.geometry_from_latents))
-        return router
-
-    def remove_attention(self, transformer: nn.Module) -> None:
-        """Back to diffusers' stock processors; drops the step hook."""
-        from diffusers.models.attention_processor import MochiAttnProcessor2_0
-
-        model = common.unwrap(transformer)
-        common.set_step_hook(model, None)
-        for block in model.transformer_blocks:
-            if isinstance(block.attn1.processor, MochiRouterAttnProcessor):
-                block.attn1.processor = MochiAttnProcessor2_0()
+    def _routed_attentions(self, model: nn.Module) -> list[nn.Module]:
+        """Every block's ``attn1`` (a ``MochiAttention``: no ``set_processor``, its ``processor`` is assigned)."""
+        return [block.attn1 for block in model.transformer_blocks]
 
     # -- tiny models -----------------------------------------------------------------------------------------
     @classmethod
@@ -368,8 +275,9 @@ class MochiAdapter(ModelAdapter):
             MochiPipeline,
             MochiTransformer3DModel,
         )
-        from transformers import T5Config, T5EncoderModel
+        from transformers import T5EncoderModel
 
+        from train.models.tiny_text_encoders import tiny_t5_encoder
         from train.models.tiny_tokenizer import tiny_t5_tokenizer
 
         common.check_int("seed", seed)
@@ -395,22 +303,7 @@ class MochiAdapter(ModelAdapter):
                 decoder_block_out_channels=(32, 32, 32, 32),
                 layers_per_block=(1, 1, 1, 1, 1),
             )
-            text_encoder = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(tokenizer),
-                    d_model=32,
-                    d_kv=8,
-                    d_ff=64,
-                    num_layers=1,
-                    num_heads=2,
-                    relative_attention_num_buckets=8,
-                    relative_attention_max_distance=16,
-                    feed_forward_proj="gated-gelu",
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    decoder_start_token_id=tokenizer.pad_token_id,
-                )
-            ).eval()
+            text_encoder = tiny_t5_encoder(T5EncoderModel, tokenizer, feed_forward_proj="gated-gelu")
         pipe = MochiPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
             vae=vae.eval(),

@@ -10,15 +10,26 @@ with identical ids through ``from_pretrained`` (what ``HunyuanVideoPipeline.from
 The Llama vocabulary is sized so that the prefix of HunyuanVideo's prompt template (everything before the user
 prompt) is exactly ``crop_start`` tokens long (95, like the real Llama-3 tokenizer): the pipeline's crop then
 removes exactly the template, and prompt lengths (hence text padding masks) behave as with the real model.
+
+The tiny T5-family encoder of the Wan (UMT5) and Mochi (T5) pipelines is built here too, over the tokenizer of
+:mod:`train.models.tiny_tokenizer`.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    LlamaConfig,
+    LlamaModel,
+    LlamaTokenizer,
+    PreTrainedModel,
+)
 
 __all__ = [
     "CAPTION_WORDS",
@@ -27,6 +38,8 @@ __all__ = [
     "tiny_clip_tokenizer",
     "tiny_llama_model",
     "tiny_clip_text_model",
+    "tiny_t5_encoder",
+    "TINY_T5_SIZES",
 ]
 
 #: Words of the short captions the synthetic data set and validation prompts use (part of both corpora).
@@ -140,36 +153,23 @@ def tiny_llama_tokenizer(
 
 def tiny_clip_tokenizer(*, corpus: Optional[Iterable[str]] = None, vocab_size: int = 400) -> CLIPTokenizer:
     """A small CLIP tokenizer (``<|startoftext|>`` ... ``<|endoftext|>``, pad = eos, max length 77)."""
-    lines = [" ".join(CAPTION_WORDS)] + list(corpus or [])
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    # The same normaliser and pre-tokeniser CLIPTokenizer builds, so the learned merges apply unchanged.
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                behavior="removed",
-                invert=True,
-            ),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size + len(alphabet),
-        special_tokens=specials,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(lines, trainer)
-    vocab, merges = _bpe_vocab_merges(tok)
-    for ch in sorted(alphabet):  # every byte, also as a word end, so nothing maps to unk
+    # A byte-level vocabulary with merges only for whole caption words, built in a fixed order: the `tokenizers`
+    # BPE trainer breaks frequency ties differently from run to run, which made tiny pipelines irreproducible.
+    words = sorted({w.lower() for line in [" ".join(CAPTION_WORDS), *(corpus or [])] for w in line.split() if w.isalpha()})
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # every byte, also as a word end: nothing maps to unk
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words[: max(0, vocab_size)]:
+        piece = word[0]
+        for i, ch in enumerate(word[1:], start=1):  # left-to-right merges build the word, the last one with </w>
+            nxt = ch + ("</w>" if i == len(word) - 1 else "")
+            merged = piece + nxt
+            if merged not in vocab:
+                merges.append((piece, nxt))
+                vocab[merged] = len(vocab)
+            piece = merged
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
@@ -205,3 +205,29 @@ def tiny_clip_text_model(
         pad_token_id=pad_token_id,
     )
     return CLIPTextModel(cfg).eval()
+
+
+#: Sizes of the tiny T5-family text encoders: 32-d (the tiny transformers' text_dim), one layer, two heads.
+TINY_T5_SIZES: dict[str, int] = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=1,
+    num_heads=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+)
+
+
+def tiny_t5_encoder(model_cls: type[PreTrainedModel], tokenizer: Any, **config: Any) -> PreTrainedModel:
+    """Random-weight ``model_cls`` (``UMT5EncoderModel`` for Wan, ``T5EncoderModel`` for Mochi) of
+    :data:`TINY_T5_SIZES` over ``tokenizer``'s ids, in eval mode; ``config`` adds to its config."""
+    cfg = model_cls.config_class(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **TINY_T5_SIZES,
+        **config,
+    )
+    return model_cls(cfg).eval()

@@ -32,10 +32,8 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
-from train.attention import AttentionRouter
-from train.config_schema import AttentionConfig
 from train.models import common
-from train.models.base import ModelAdapter, VideoGeometry
+from train.models.base import VideoGeometry
 
 __all__ = ["WanAdapter", "WanEncoders", "WanSparseAttnProcessor", "TINY_TRANSFORMER_CONFIG"]
 
@@ -51,7 +49,7 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = dict(
     attention_head_dim=16,
     in_channels=4,
     out_channels=4,
-    text_dim=32,
+    text_dim=32,  # == the tiny text encoder's d_model (tiny_text_encoders.TINY_T5_SIZES)
     freq_dim=32,
     ffn_dim=64,
     num_layers=2,
@@ -67,16 +65,48 @@ TINY_VAE_CONFIG: dict[str, Any] = dict(
     latents_mean=[0.1, -0.2, 0.3, -0.05],
     latents_std=[1.5, 0.8, 1.2, 2.0],
 )
-TINY_TEXT_CONFIG: dict[str, Any] = dict(
-    d_model=32,  # == TINY_TRANSFORMER_CONFIG["text_dim"]
-    d_kv=8,
-    d_ff=64,
-    num_layers=1,
-    num_heads=2,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-)
 TINY_TEXT_TOKENS = WAN_TEXT_TOKENS  # as the real model: pipelines default to 512, so sampling matches training
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE on [B, N, H, D]: pairs (x[2i], x[2i+1]) rotate by the angle of cos/sin[2i]."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
+
+
+class WanSparseAttnProcessor(common.RouterAttnProcessor):
+    """Diffusers attention processor for Wan's self-attention (``attn1``) that routes through the router.
+
+    It does what diffusers' ``WanAttnProcessor`` does for self-attention - q/k/v projections (fused or not,
+    LoRA-wrapped or not), RMSNorm across heads on q and k, Wan's RoPE - and hands ``[B, H, N, D]`` to the
+    router instead of ``dispatch_attention_fn``; with a dense router the output is bit-identical to stock.
+    """
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError("WanSparseAttnProcessor is for self-attention (attn1); attn2 keeps the stock processor")
+        if attention_mask is not None:
+            raise ValueError("WanSparseAttnProcessor: Wan's self-attention takes no attention_mask")
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [B, N, H, D]
+        if rotary_emb is not None:
+            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        out = self.router(self.layer_idx, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
 
 @dataclass
 class WanEncoders:
@@ -88,12 +118,19 @@ class WanEncoders:
     max_sequence_length: int
 
 
-class WanAdapter(ModelAdapter):
+class WanAdapter(common.DiffusersAdapter):
     """Wan2.1 / Wan2.2-style single-transformer text-to-video models in diffusers format."""
 
     family = "wan"
     frame_multiple = 4
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    pipeline_class = "WanPipeline"
+    transformer_class = "WanTransformer3DModel"
+    vae_class = "AutoencoderKLWan"
+    transformer_marker = "blocks"
+    router_model = "wan"
+    router_processor = WanSparseAttnProcessor
+    stock_processor = "diffusers.models.transformers.transformer_wan:WanAttnProcessor"
 
     def __init__(
         self,
@@ -120,26 +157,20 @@ class WanAdapter(ModelAdapter):
             raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
         self._max_sequence_length = max_sequence_length
         self.vae_dtype = vae_dtype
-        self._configs: Optional[tuple[dict, dict]] = None
 
     # -- configs --------------------------------------------------------------------------------------
     def configs(self) -> tuple[dict, dict]:
         """(transformer config, VAE config) of ``pretrained``, checked to be Wan's; read once (JSON only)."""
-        if self._configs is None:
-            from diffusers import AutoencoderKLWan, WanTransformer3DModel
-
-            common.read_model_index(self.pretrained, self.revision, "WanPipeline")
-            transformer = common.read_component_config(
-                WanTransformer3DModel, self.pretrained, "transformer", self.revision
+        transformer = self._config("transformer")
+        if transformer.get("_class_name") != "WanTransformer3DModel":
+            raise ValueError(
+                f"model.pretrained {self.pretrained!r}: transformer is {transformer.get('_class_name')!r}, "
+                "expected 'WanTransformer3DModel' for model.family 'wan'"
             )
-            if transformer.get("_class_name") != "WanTransformer3DModel":
-                raise ValueError(
-                    f"model.pretrained {self.pretrained!r}: transformer is {transformer.get('_class_name')!r}, "
-                    "expected 'WanTransformer3DModel' for model.family 'wan'"
-                )
-            vae = common.read_component_config(AutoencoderKLWan, self.pretrained, "vae", self.revision)
-            self._configs = (transformer, vae)
-        return self._configs
+        return transformer, self._config("vae")
+
+    def _check_pretrained(self) -> None:  # the transformer class too, not only model_index.json
+        self.configs()
 
     def _factors(self) -> tuple[int, int, tuple[int, int, int], int]:
         transformer, vae = self.configs()
@@ -213,14 +244,6 @@ class WanAdapter(ModelAdapter):
         )
 
     # -- loading --------------------------------------------------------------------------------------
-    def load_transformer(self) -> nn.Module:
-        from diffusers import WanTransformer3DModel
-
-        self.configs()
-        return WanTransformer3DModel.from_pretrained(
-            self.pretrained, subfolder="transformer", revision=self.revision, **common.dtype_kwarg(self.dtype)
-        )
-
     def load_encoders(self, device: torch.device) -> WanEncoders:
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -249,8 +272,6 @@ class WanAdapter(ModelAdapter):
 
     def load_pipeline(self, transformer: Optional[nn.Module] = None, encoders: Optional[WanEncoders] = None) -> Any:
         """``WanPipeline`` from ``pretrained`` (its own scheduler); reuses ``transformer`` / ``encoders`` if given."""
-        from diffusers import WanPipeline
-
         self.configs()
         parts: dict[str, Any] = {}
         if transformer is not None:
@@ -263,9 +284,7 @@ class WanAdapter(ModelAdapter):
             parts["vae"] = AutoencoderKLWan.from_pretrained(
                 self.pretrained, subfolder="vae", revision=self.revision, **common.dtype_kwarg(self.vae_dtype)
             )
-        return WanPipeline.from_pretrained(
-            self.pretrained, revision=self.revision, **common.dtype_kwarg(self.dtype), **parts
-        )
+        return self._pipeline(**parts)
 
     # -- conditioning ---------------------------------------------------------------------------------
     @torch.no_grad()  # the encoders are frozen: never build a graph through them
@@ -353,33 +372,10 @@ class WanAdapter(ModelAdapter):
         return out.float()
 
     # -- attention ------------------------------------------------------------------------------------
-    def install_attention(
-        self, transformer: nn.Module, attention: AttentionConfig, geometry: VideoGeometry
-    ) -> AttentionRouter:
-        """Put a :class:`WanSparseAttnProcessor` on every block's ``attn1`` and return the router.
-
-        A forward pre-hook on the transformer starts a router step per forward and keeps the router's geometry
-        equal to the latents actually passed in (buckets, validation at another size), so neither the trainer
-        nor ``WanPipeline`` has to call ``begin_step``. Installing again replaces the previous router.
-        """
-        base = common.unwrap(transformer)
-        if not hasattr(base, "blocks"):
-            raise TypeError(f"expected a WanTransformer3DModel, got {type(base).__name__}")
-        router = AttentionRouter(attention, geometry, model="wan")
-        for idx, block in enumerate(base.blocks):
-            block.attn1.set_processor(WanSparseAttnProcessor(router, idx))
-        common.set_step_hook(base, common.StepHook(router, self.geometry_from_latents))
-        return router
-
-    def remove_attention(self, transformer: nn.Module) -> None:
-        """Restore diffusers' stock processors on ``attn1`` and drop the step hook."""
-        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-        base = common.unwrap(transformer)
-        common.set_step_hook(base, None)
-        for block in base.blocks:
-            if isinstance(block.attn1.processor, WanSparseAttnProcessor):
-                block.attn1.set_processor(WanAttnProcessor())
+    def _routed_attentions(self, model: nn.Module) -> list[nn.Module]:
+        """Every block's self-attention ``attn1``; the text cross-attention ``attn2`` keeps the stock (dense)
+        processor."""
+        return [block.attn1 for block in model.blocks]
 
     # -- tiny models ----------------------------------------------------------------------------------
     @classmethod
@@ -389,23 +385,21 @@ class WanAdapter(ModelAdapter):
         The folder is built next to ``out_dir`` and renamed into place, so it is either complete or absent.
         """
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-        from transformers import UMT5Config, UMT5EncoderModel
+        from transformers import UMT5EncoderModel
 
+        from train.models.tiny_text_encoders import tiny_t5_encoder
         from train.models.tiny_tokenizer import tiny_t5_tokenizer
 
         common.check_int("seed", seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             tokenizer = tiny_t5_tokenizer(model_max_length=TINY_TEXT_TOKENS)
-            text_config = UMT5Config(
-                vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **TINY_TEXT_CONFIG
-            )
-            text_encoder = UMT5EncoderModel(text_config)
+            text_encoder = tiny_t5_encoder(UMT5EncoderModel, tokenizer)
             vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
             transformer = WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
         pipe = WanPipeline(
             tokenizer=tokenizer,
-            text_encoder=text_encoder.eval(),
+            text_encoder=text_encoder,
             vae=vae,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=WAN_DEFAULT_SHIFT),
             transformer=transformer,
@@ -456,46 +450,3 @@ _COMFY_TOP: dict[str, str] = {
     "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
     "proj_out": "head.head",
 }
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved RoPE on [B, N, H, D]: pairs (x[2i], x[2i+1]) rotate by the angle of cos/sin[2i]."""
-    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
-
-
-class WanSparseAttnProcessor:
-    """Diffusers attention processor for Wan's self-attention (``attn1``) that routes through the router.
-
-    It does what diffusers' ``WanAttnProcessor`` does for self-attention - q/k/v projections (fused or not,
-    LoRA-wrapped or not), RMSNorm across heads on q and k, Wan's RoPE - and hands ``[B, H, N, D]`` to the
-    router instead of ``dispatch_attention_fn``; with a dense router the output is bit-identical to stock.
-    """
-
-    def __init__(self, router: AttentionRouter, layer_idx: int) -> None:
-        self.router = router
-        self.layer_idx = layer_idx
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None:
-            raise ValueError("WanSparseAttnProcessor is for self-attention (attn1); attn2 keeps the stock processor")
-        if attention_mask is not None:
-            raise ValueError("WanSparseAttnProcessor: Wan's self-attention takes no attention_mask")
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [B, N, H, D]
-        if rotary_emb is not None:
-            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
-        out = self.router(self.layer_idx, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out))
