@@ -73,11 +73,19 @@ def test_deepspeed_zero3_with_sequence_parallel_two_processes(recipe: Path, refe
     cmd = ACCELERATE + ["--num_processes", "2", "--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model", "true",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
                         "train/finetune.py", "--config", str(recipe), f"train.output_dir={run}", "parallel.sequence_parallel_size=2"]
+    cmd += ["train.gradient_checkpointing=true", "validation.every_steps=3", "validation.prompts=[a red circle]",
+            "validation.num_inference_steps=2", "validation.guidance_scale=1.0", "export.at_end=true"]
     losses = _run(cmd, run)
     # one sequence group of two ranks sees the same samples as the single process: same losses
     assert losses == pytest.approx(reference, rel=1e-4)
     meta = json.loads((run / "final" / "meta.json").read_text())
     assert meta["zero_stage"] == 3 and meta["world_size"] == 2
+    assert (run / "validation" / "step-000003" / "prompt-0.mp4").is_file()  # validation sampling under SP + ZeRO-3
+    assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()  # export from the multi-GPU run
+    # resume the sequence-parallel run from its step-2 checkpoint: step 3 repeats exactly
+    (run / "metrics.jsonl").unlink()
+    resumed = _run(cmd[:-6] + ["train.resume_from=latest"], run)
+    assert resumed == pytest.approx(reference[2:], rel=1e-4)
     from safetensors.torch import load_file
 
     lora = load_file(str(run / "final" / "weights" / "lora.safetensors"))  # gathered from ZeRO-3 shards
