@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -62,7 +62,7 @@ class Trainer:
         self.geometries: dict[tuple[int, int, int], VideoGeometry] = {}
         self.router: Any = None
         self.sp: Any = None  # SequenceParallel when parallel.sequence_parallel_size > 1
-        self._pipeline: Any = None
+        self._validator: Any = None
         self.data_report: Any = None  # data.dataset.SkipReport: skipped videos by reason, decode failures
         self._base_shape = (cfg.data.frames, cfg.data.height, cfg.data.width)
 
@@ -260,8 +260,10 @@ class Trainer:
         if ema is not None:
             self.accelerator.register_for_checkpointing(ema)
         self._install_attention(adapter, transformer, base_geometry)
-        with self._no_zero3_init():  # frozen encoders stay whole on every rank
-            encoders = adapter.load_encoders(self.device)
+        encoders = None
+        if not cfg.data.cache_dir:  # with a latent cache the VAE and text encoders are not needed to train
+            with self._no_zero3_init():  # frozen encoders stay whole on every rank
+                encoders = adapter.load_encoders(self.device)
         self.encoders = encoders
 
         resume = checkpointing.resolve_resume(self.run_dir, cfg.train.resume_from)
@@ -533,52 +535,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     # validation
 
-    @torch.no_grad()
     def _validate(self, adapter: ModelAdapter, transformer: torch.nn.Module, step: int) -> None:
-        """Render the fixed prompts with the current weights (on every rank: ZeRO-3 forwards are collective)."""
-        from train.sampling import text_length_for, write_video
+        if self._validator is None:
+            from train.validation import Validator
 
-        v, c = self.cfg.validation, self.cfg
-        frames, height, width = v.frames or c.data.frames, v.height or c.data.height, v.width or c.data.width
-        unwrapped = self.accelerator.unwrap_model(transformer)
-        if self._pipeline is None:
             with self._no_zero3_init():
-                self._pipeline = adapter.load_pipeline(transformer=unwrapped, encoders=self.encoders)
-            self._pipeline.to(self.device)
-            self._pipeline.set_progress_bar_config(disable=True)
-        self._geometry(adapter, frames, height, width)  # validates the validation shape
-        was_training = unwrapped.training
-        unwrapped.eval()
-        videos: dict[str, Path] = {}
-        extra = {}
-        text_length = text_length_for(adapter, self._pipeline)  # the text length training used, not the pipeline default
-        if text_length is not None:
-            extra["max_sequence_length"] = text_length
-        out_dir = self.run_dir / "validation" / f"step-{step:06d}"
-        autocast = self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else nullcontext()
-        for i, prompt in enumerate(v.prompts):
-            gen = torch.Generator(device="cpu").manual_seed(v.seed + i)
-            with autocast:
-                result = self._pipeline(
-                    prompt=prompt,
-                    num_frames=frames,
-                    height=height,
-                    width=width,
-                    num_inference_steps=v.num_inference_steps,
-                    guidance_scale=v.guidance_scale,
-                    generator=gen,
-                    output_type="np",
-                    **extra,
-                )
-            if self.is_main:
-                path = out_dir / f"prompt-{i}.mp4"
-                write_video(result.frames[0], path, fps=c.data.fps)
-                videos[f"prompt-{i}"] = path
-        if was_training:
-            unwrapped.train()
-        tracking.log_videos(self.accelerator, c.tracking, step, videos, fps=c.data.fps)
-        if self.is_main:
-            self._print(f"validation videos -> {out_dir}")
+                self._validator = Validator(self.accelerator, adapter, self.cfg, transformer, self.encoders, self.run_dir)
+        self._geometry(adapter, *self._validator.shape)  # a clear error for a validation shape the VAE can't take
+        videos = self._validator.render(step)
+        tracking.log_videos(self.accelerator, self.cfg.tracking, step, videos, fps=self.cfg.data.fps)
+        if videos:
+            self._print(f"validation videos -> {next(iter(videos.values())).parent}")
 
     def _summary(self, result: TrainResult) -> str:
         lines = [
