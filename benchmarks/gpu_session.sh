@@ -35,6 +35,7 @@ for f, t in ((81, 1560), (128, 3600)):
     print(f"radial_block_mask({f}, {t}) on {torch.cuda.get_device_name()}: median {sorted(ts)[2]:.1f} ms (uncached, warm process)")
 PY
       ;;
+    profile) timeout 300 python3 benchmarks/profile_step.py --frames 321 --impl radial 2>&1 | grep -v Warning | tee "$OUT/profile.md" | tail -30 ;;
     vae) timeout 300 python3 benchmarks/vae_encode.py --clips 1 --tiling 2>&1 | tail -2 | tee "$OUT/vae.md" ;;
     sp)
       for p in 2 4; do
