@@ -143,10 +143,50 @@ class AttentionRouter:
         """
         sp = self.sequence_parallel
         if sp is not None:
-            q, k, v = sp.seq_to_heads(q), sp.seq_to_heads(k), sp.seq_to_heads(v)
-            out = self._attend(layer_idx, q, k, v, text_tokens, key_padding_mask, dense)
-            return sp.heads_to_seq(out)
+            return self._sequence_parallel(sp, layer_idx, q, k, v, text_tokens, key_padding_mask, dense)
         return self._attend(layer_idx, q, k, v, text_tokens, key_padding_mask, dense)
+
+    def _sequence_parallel(
+        self,
+        sp: Any,
+        layer_idx: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        text_tokens: int,
+        key_padding_mask: Optional[Tensor],
+        dense: bool,
+    ) -> Tensor:
+        """Ulysses around the attention: q, k, v hold this rank's video shard then all ``text_tokens`` text tokens
+        (replicated), all heads. The video part goes through the all-to-all (all video tokens, 1/P of the
+        heads), the text part is sliced to the same heads; the output's text heads are all-gathered back."""
+        if not text_tokens:
+            q, k, v = sp.seq_to_heads(q), sp.seq_to_heads(k), sp.seq_to_heads(v)
+            out = self._attend(layer_idx, q, k, v, 0, key_padding_mask, dense)
+            return sp.heads_to_seq(out)
+        if q.dim() != 4 or q.shape[2] < text_tokens:
+            raise ValueError(
+                f"sequence parallel attention: q must be [B, H, N_video/P + text_tokens, D] with text_tokens={text_tokens}, "
+                f"got {tuple(q.shape)}"
+            )
+        local_video = q.shape[2] - text_tokens
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (q.shape[0], q.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must be bool [B, N] = [{q.shape[0]}, {q.shape[2]}] (this rank's video shard + "
+                f"text), got {tuple(key_padding_mask.shape)}"
+            )
+
+        def to_heads(x: Tensor) -> Tensor:  # [video all tokens; text] for this rank's heads
+            return torch.cat([sp.seq_to_heads(x[:, :, :local_video]), sp.local_heads(x[:, :, local_video:])], dim=2)
+
+        q, k, v = to_heads(q), to_heads(k), to_heads(v)
+        n_video = q.shape[2] - text_tokens
+        if key_padding_mask is not None:  # video keys are always valid; the text part is replicated
+            text_valid = key_padding_mask[:, local_video:]
+            key_padding_mask = torch.cat([text_valid.new_ones(text_valid.shape[0], n_video), text_valid], dim=1)
+        out = self._attend(layer_idx, q, k, v, text_tokens, key_padding_mask, dense)
+        video, text = out[:, :, :n_video], out[:, :, n_video:]
+        return torch.cat([sp.heads_to_seq(video), sp.gather_heads(text)], dim=2)
 
     def _attend(
         self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, text_tokens: int, key_padding_mask: Optional[Tensor], dense: bool

@@ -5,6 +5,11 @@ sequence", so the radial mask applies unchanged and SVG2's per-head clusters sta
 all-to-all turns it back. Everything else in a block (norms, projections, FFN, cross-attention to text) works
 per token on the local shard.
 
+Text tokens of joint attention (HunyuanVideo, Mochi) are not sharded: every rank of the group holds all of them
+(they are few: 256 against tens of thousands of video tokens). Inside attention a rank uses its head slice of
+the replicated text q, k, v next to its head slice of the all-to-all'd video tokens; the text output heads are
+then all-gathered so every rank again holds the whole text stream.
+
 Autograd convention. All ranks of a group compute the same replicated parts (patch embedding, conditioning,
 unpatchify, the loss) on the same sample. Entering the blocks, each rank keeps its slice of the tokens
 (backward: the gradient of its slice only); leaving them, the slices are all-gathered (backward: again just the
@@ -12,8 +17,15 @@ local slice, since every rank holds the same full gradient). Every parameter gra
 contribution of its own tokens, and the sum over the group is the full gradient. Data parallelism averages over
 all W = P x D ranks, so the trainer multiplies the loss by P before backward (the logged loss is unscaled).
 
+Replicated tensors (text stream, conditioning) follow the same bookkeeping: a rank's gradient of a replicated
+tensor is the share its own consumers contribute, and the group's sum is the full gradient. Hence entering a
+rank-local computation a replicated tensor is just sliced (the text heads: gradient for this rank's slice only),
+and leaving it the slices are all-gathered with the standard backward, the sum over the group of the partial
+gradients, restricted to the local slice (every rank's downstream replicated text consumes the gathered heads
+but contributes only its share of their gradient).
+
 Families are wired in through forward hooks on their own modules (torch's extension point), never by editing
-library source; only Wan is wired so far.
+library source: Wan, HunyuanVideo (T2V) and Mochi.
 """
 
 from __future__ import annotations
@@ -73,6 +85,18 @@ class SequenceParallel:
         """[B, H/P, N, D] -> [B, H, N/P, D]."""
         return _AllToAll.apply(x, self, False)
 
+    def local_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, N, D] replicated -> this rank's heads [B, H/P, N, D] (the head group seq_to_heads gives it).
+
+        A plain slice: its gradient reaches this rank's heads only (the rank's share of a replicated tensor)."""
+        h = x.shape[1] // self.size
+        return x.narrow(1, self.rank * h, h)
+
+    def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H/P, N, D] (this rank's heads) -> [B, H, N, D] on every rank; backward sums the group's partial
+        gradients of the local heads."""
+        return _GatherHeads.apply(x, self)
+
 
 def _all_to_all(x: torch.Tensor, sp: SequenceParallel, seq_to_heads: bool) -> torch.Tensor:
     p = sp.size
@@ -127,36 +151,118 @@ class _Gather(torch.autograd.Function):
         return grad.chunk(ctx.sp.size, dim=ctx.dim)[ctx.sp.rank].contiguous(), None, None
 
 
+class _GatherHeads(torch.autograd.Function):
+    """All-gather along dim 1 with the standard backward (sum over the group, keep the local slice).
+
+    The sum is an all-reduce, which every backend has (gloo has no reduce-scatter); the tensors are the text
+    heads only, so the extra traffic against a reduce-scatter is small."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+        ctx.sp = sp
+        parts = [torch.empty_like(x) for _ in range(sp.size)]
+        dist.all_gather(parts, x.contiguous(), group=sp.group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        sp = ctx.sp
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=sp.group)
+        return grad.chunk(sp.size, dim=1)[sp.rank].contiguous(), None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # family wiring
 
 
+FAMILIES = ("wan", "hunyuan_video", "mochi")
+
+
 def install(family: str, transformer: torch.nn.Module, sp: SequenceParallel) -> list[Any]:
-    """Register the hooks that shard tokens entering the blocks and gather them leaving; returns the handles."""
-    if family != "wan":
+    """Register the hooks that shard the video tokens entering the blocks (and the rotary tables with them) and
+    gather them after ``proj_out``; returns the handles. ``transformer`` is the unwrapped diffusers model."""
+    wiring = {"wan": _install_wan, "hunyuan_video": _install_hunyuan_video, "mochi": _install_mochi}.get(family)
+    if wiring is None:
         raise ValueError(
-            f"parallel.sequence_parallel_size > 1 is implemented for model.family=wan only (got {family!r}); "
-            "use DeepSpeed ZeRO-3 without sequence parallelism for this family for now"
+            f"parallel.sequence_parallel_size > 1 is implemented for model.family in {list(FAMILIES)} (got {family!r})"
         )
-    heads = transformer.config.num_attention_heads
+    config = getattr(transformer, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int):
+        raise TypeError(f"sequence parallelism for {family!r} needs the diffusers transformer, got {type(transformer).__name__}")
     if heads % sp.size:
         raise ValueError(f"the model's {heads} attention heads are not divisible by parallel.sequence_parallel_size={sp.size}")
+    return wiring(transformer, sp, heads)
 
-    def shard_rope(_module: Any, _inputs: Any, output: Any) -> Any:  # rotary tables [1, N, 1, D] follow the tokens
-        return tuple(sp.shard(t, 1) for t in output) if isinstance(output, tuple) else sp.shard(output, 1)
 
-    def shard_tokens(_module: Any, args: tuple) -> tuple:
-        hidden = args[0]
-        if hidden.shape[1] % sp.size:
-            sp.check_divisible(hidden.shape[1], heads)
-        return (sp.shard(hidden, 1), *args[1:])
+def _shard_video(sp: SequenceParallel, hidden: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N_video, C] -> this rank's [B, N_video/P, C] (ValueError when N_video is not divisible by P)."""
+    if hidden.shape[1] % sp.size:
+        sp.check_divisible(hidden.shape[1], heads)
+    return sp.shard(hidden, 1)
 
-    def gather_tokens(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+
+def _rope_hook(sp: SequenceParallel, dim: int) -> Any:
+    """Forward hook sharding rotary tables (a tensor or a tuple of them) along their token ``dim``."""
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        return tuple(sp.shard(t, dim) for t in output) if isinstance(output, tuple) else sp.shard(output, dim)
+
+    return hook
+
+
+def _gather_hook(sp: SequenceParallel) -> Any:
+    def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
         return sp.gather(output, 1)
 
-    handles = [
-        transformer.rope.register_forward_hook(shard_rope),
+    return hook
+
+
+def _install_wan(transformer: torch.nn.Module, sp: SequenceParallel, heads: int) -> list[Any]:
+    def shard_tokens(_module: Any, args: tuple) -> tuple:
+        return (_shard_video(sp, args[0], heads), *args[1:])
+
+    return [
+        transformer.rope.register_forward_hook(_rope_hook(sp, 1)),  # rotary tables [1, N, 1, D]
         transformer.blocks[0].register_forward_pre_hook(shard_tokens),
-        transformer.proj_out.register_forward_hook(gather_tokens),
+        transformer.proj_out.register_forward_hook(_gather_hook(sp)),
     ]
-    return handles
+
+
+def _install_hunyuan_video(transformer: torch.nn.Module, sp: SequenceParallel, heads: int) -> list[Any]:
+    """Shard the patch embedding's output: the forward then builds its [video; text] key mask from the local
+    video length, so the blocks (double: separate streams; single: [video; text] split by the text length) and
+    the processor see a consistent local layout. The token refiner is text only and stays replicated."""
+    condition = getattr(transformer.config, "image_condition_type", None)
+    if condition == "token_replace":
+        raise ValueError(
+            "sequence parallelism does not support HunyuanVideo with image_condition_type='token_replace' (its "
+            "first-frame tokens are modulated apart, which assumes the whole sequence on every rank)"
+        )
+
+    def shard_tokens(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return _shard_video(sp, output, heads)
+
+    return [
+        transformer.rope.register_forward_hook(_rope_hook(sp, 0)),  # (cos, sin) [N, D]
+        transformer.x_embedder.register_forward_hook(shard_tokens),
+        transformer.proj_out.register_forward_hook(_gather_hook(sp)),
+    ]
+
+
+def _install_mochi(transformer: torch.nn.Module, sp: SequenceParallel, heads: int) -> list[Any]:
+    """Mochi embeds per frame and flattens frames into the sequence inside its forward, so the tokens are sharded
+    at the first block (called with keywords, or positionally under gradient checkpointing). Its RoPE tables are
+    computed from the learned ``pos_frequencies``: sharding them gives each rank the gradient of its tokens."""
+
+    def shard_tokens(_module: Any, args: tuple, kwargs: dict) -> tuple:
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": _shard_video(sp, kwargs["hidden_states"], heads)}
+        return (_shard_video(sp, args[0], heads), *args[1:]), kwargs
+
+    return [
+        transformer.rope.register_forward_hook(_rope_hook(sp, 0)),  # (cos, sin) [N, H, D/2]
+        transformer.transformer_blocks[0].register_forward_pre_hook(shard_tokens, with_kwargs=True),
+        transformer.proj_out.register_forward_hook(_gather_hook(sp)),
+    ]
