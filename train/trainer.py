@@ -108,6 +108,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._print("resolved config:\n" + dump_config(self.cfg))
             save_config(self.cfg, self.run_dir / "config.yaml")
+            if self.cfg.train.resume_from is None:  # a fresh run in a reused folder starts a fresh local log
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             for line in create_missing_inputs(self.cfg):
                 self._print(f"created {line}")
         self.accelerator.wait_for_everyone()
