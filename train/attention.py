@@ -289,6 +289,39 @@ class AttentionRouter:
             self._svg2_replay_kw = found
         return self._svg2_replay_kw or None
 
+    # -- checkpointing ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """SVG2 warm-start centroids per layer (tensors and plain values only), so that a resumed run routes
+        exactly as an uninterrupted one; accelerate saves it with the checkpoint (register_for_checkpointing)."""
+        layers = {}
+        for idx, layer in self._svg2.items():
+            st = layer.warm
+            if st is None or layer.warm_key is None:
+                continue
+            shape, device_type = layer.warm_key
+            layers[str(idx)] = {
+                "q_centroids": st.q_centroids.detach().cpu(),
+                "k_centroids": st.k_centroids.detach().cpu(),
+                "calls": int(st.calls),
+                "shape": list(shape),
+                "device_type": device_type,
+            }
+        return {"step": self._step, "svg2": layers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from sparse_attn import SVG2State
+
+        self._step = int(state.get("step", 0))
+        self._svg2.clear()
+        for idx, saved in state.get("svg2", {}).items():
+            device = torch.device(saved["device_type"])
+            warm = SVG2State(
+                q_centroids=saved["q_centroids"].to(device),
+                k_centroids=saved["k_centroids"].to(device),
+                calls=int(saved["calls"]),
+            )
+            self._svg2[int(idx)] = _LayerSVG2(warm=warm, warm_key=(tuple(saved["shape"]), saved["device_type"]))
+
     def svg2_state(self, layer_idx: int) -> Any:
         """The SVG2 state of ``layer_idx``'s first call in the current step (None before any call)."""
         layer = self._svg2.get(layer_idx)

@@ -87,6 +87,12 @@ def rotate(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_run_outputs(run_dir: Path) -> None:
+    """Checkpoints and final weights of an earlier run in the same folder (train.overwrite_output_dir)."""
+    for sub in ("checkpoints", "final"):
+        shutil.rmtree(Path(run_dir) / sub, ignore_errors=True)
+
+
 def write_weights(folder: Path, *, lora_state: Optional[dict[str, torch.Tensor]], full_model: Any = None) -> None:
     """Trainable weights in the exporter's format (called on the main process with gathered tensors)."""
     weights = folder / "weights"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import tempfile
@@ -206,8 +207,9 @@ def _check_required(cfg: RecipeConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: expected a positive integer, got {value}")
-    if cfg.train.learning_rate <= 0:
-        raise ConfigError(f"train.learning_rate: expected a positive number, got {cfg.train.learning_rate}")
+    for key, value in (("train.learning_rate", cfg.train.learning_rate), ("train.max_grad_norm", cfg.train.max_grad_norm)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}: expected a positive finite number, got {value}")
     if not 0 < cfg.attention.top_p <= 1:
         raise ConfigError(f"attention.top_p: expected a value in (0, 1], got {cfg.attention.top_p}")
     if not 0 <= cfg.attention.min_kc_ratio <= 1:

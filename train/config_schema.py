@@ -77,6 +77,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     checkpoints_keep: int = 3
     resume_from: Optional[str] = None  # "latest" or a checkpoint folder
+    overwrite_output_dir: bool = False  # a fresh run may replace the checkpoints/final weights of an earlier run
     max_bad_steps_in_a_row: int = 5  # NaN/inf losses are skipped and counted; stop after this many in a row
 
 

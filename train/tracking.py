@@ -18,9 +18,19 @@ def choose_wandb_mode() -> None:
     """Offline unless the user asked otherwise or has credentials, so a run never blocks on a login prompt."""
     if "WANDB_MODE" in os.environ:
         return
-    has_login = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
+    has_login = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
     if not has_login:
         os.environ["WANDB_MODE"] = "offline"
+
+
+def _netrc_has_wandb() -> bool:
+    """`wandb login` stores the key in ~/.netrc under api.wandb.ai (a .netrc for git alone does not count)."""
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
 
 
 def start(accelerator: Any, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any]) -> None:

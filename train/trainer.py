@@ -63,6 +63,7 @@ class Trainer:
         self.router: Any = None
         self.sp: Any = None  # SequenceParallel when parallel.sequence_parallel_size > 1
         self._validator: Any = None
+        self._last_good: Optional[dict] = None  # last batch that decoded (stand-in for an all-failed batch)
         self.data_report: Any = None  # data.dataset.SkipReport: skipped videos by reason, decode failures
         self._base_shape = (cfg.data.frames, cfg.data.height, cfg.data.width)
 
@@ -104,7 +105,17 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         from train.bootstrap import create_missing_inputs
 
+        t = self.cfg.train
+        earlier = bool(checkpointing.list_checkpoints(self.run_dir)) or (self.run_dir / "final").is_dir()
+        if earlier and t.resume_from is None and not t.overwrite_output_dir:  # checked on every rank alike
+            raise UserError(
+                f"train.output_dir {self.run_dir} holds checkpoints or final weights of an earlier run; "
+                "continue it with train.resume_from=latest, replace it with train.overwrite_output_dir=true, "
+                "or choose another train.output_dir"
+            )
         if self.is_main:
+            if earlier and t.resume_from is None:
+                checkpointing.remove_run_outputs(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._print("resolved config:\n" + dump_config(self.cfg))
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -125,7 +136,8 @@ class Trainer:
                 from train.precompute import precompute
 
                 self._print(f"data.cache_dir {cfg.data.cache_dir} holds no cache yet: encoding the dataset once")
-                precompute(cfg, state=self.accelerator.state)
+                with self._no_zero3_init():  # every rank encodes its own shards with whole encoders
+                    precompute(cfg, state=self.accelerator.state)
                 self.accelerator.wait_for_everyone()
             dataset, report = open_cache(
                 cfg.data, model_id=cfg.model.pretrained, revision=cfg.model.revision, family=cfg.model.family
@@ -258,10 +270,14 @@ class Trainer:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:  # our loader is sharded by hand, so DeepSpeed can't read the micro-batch from it
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+            plugin.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm  # "auto" would mean 1.0
         transformer, optimizer, scheduler = self.accelerator.prepare(transformer, optimizer, scheduler)
         if ema is not None:
+            ema.to(self.device)
             self.accelerator.register_for_checkpointing(ema)
         self._install_attention(adapter, transformer, base_geometry)
+        if cfg.attention.type == "svg2":  # its warm-start centroids are part of an exact resume
+            self.accelerator.register_for_checkpointing(self.router)
         encoders = None
         if not cfg.data.cache_dir:  # with a latent cache the VAE and text encoders are not needed to train
             with self._no_zero3_init():  # frozen encoders stay whole on every rank
@@ -271,6 +287,8 @@ class Trainer:
         resume = checkpointing.resolve_resume(self.run_dir, cfg.train.resume_from)
         if resume is not None:
             self.accelerator.load_state(str(resume / "accelerate"))
+            if ema is not None:
+                ema.to(self.device)  # accelerate loads custom states onto the CPU
             self.pos = _Position(**checkpointing.read_json(resume / "training_state.json"))
             self._print(f"resumed from {resume} at step {self.pos.step}")
 
@@ -305,9 +323,13 @@ class Trainer:
             if batch.get("failed"):
                 self.data_report.record_failures(batch["failed"])
             with self.accelerator.accumulate(transformer):
-                if batch_size(batch) == 0:  # every clip of the batch failed to decode (counted above)
-                    loss, geometry = torch.tensor(float("nan"), device=self.device), self.geometries[self._base_shape]
+                if batch_size(batch) == 0:  # every clip failed to decode (counted above): still run a forward, so
+                    if self._last_good is None:  # that DDP/ZeRO ranks stay in step, on the last good batch, as NaN
+                        raise UserError("the first batch failed to decode entirely; check the videos (data.on_bad_video)")
+                    loss, geometry = self._micro_step(adapter, transformer, encoders, self._last_good, micro)
+                    loss = loss * float("nan")
                 else:
+                    self._last_good = batch
                     loss, geometry = self._micro_step(adapter, transformer, encoders, batch, micro)
                 finite = self._all_finite(loss)
                 if not finite:  # skip: a zero loss that still touches every trainable parameter keeps ranks in step
@@ -319,6 +341,8 @@ class Trainer:
                     grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 if not (bad and self.accelerator.sync_gradients and self.accelerator.distributed_type.value != "DEEPSPEED"):
                     optimizer.step()
+                elif self.accelerator.scaler is not None:  # fp16: the skipped step must still reset the scaler
+                    self.accelerator.scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if finite:
@@ -477,15 +501,15 @@ class Trainer:
 
     def _write_weights(self, folder: Path, transformer: torch.nn.Module, ema: Any) -> None:
         """Gather trainable weights (collective under ZeRO-3) and write them on the main process."""
-        state = self.accelerator.get_state_dict(transformer)
+        state = self.accelerator.get_state_dict(transformer)  # collective under ZeRO-3; None on other ranks there
+        if not self.is_main:
+            return
         unwrapped = self.accelerator.unwrap_model(transformer)
         if ema is not None:  # export the EMA weights: copy them into a detached state dict
             names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
             state = dict(state)
             for name, shadow in zip(names, ema.shadow_params):
                 state[name] = shadow.detach().clone()
-        if not self.is_main:
-            return
         if self.cfg.train.mode == "lora":
             from peft.utils import get_peft_model_state_dict
 

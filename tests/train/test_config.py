@@ -42,6 +42,8 @@ def test_overrides_are_typed() -> None:
         ("train.max_steps=abc", "train.max_steps: expected an integer, got 'abc'"),
         ("train.gradient_checkpointing=3", "train.gradient_checkpointing: expected true or false"),
         ("attention.top_p=1.5", "attention.top_p: expected a value in (0, 1]"),
+        ("train.max_grad_norm=0", "train.max_grad_norm: expected a positive finite number"),
+        ("train.learning_rate=.nan", "train.learning_rate: expected a positive finite number"),
         ("data.buckets=[[1, 2]]", "data.buckets[0]: expected [frames, height, width]"),
         ("train.resume_from=/no/such/dir", "train.resume_from"),
         ("nonsense", "expected the form section.key=value"),

@@ -102,8 +102,10 @@ def test_all_true_radial_mask_gives_the_dense_loss(tmp_path: Path, assets: dict)
     assert radial.losses == pytest.approx(dense.losses, rel=1e-5, abs=1e-6)
 
 
-def test_resume_equals_uninterrupted(tmp_path: Path, assets: dict) -> None:
-    common = ["attention.type=radial", "train.max_steps=4", "train.gradient_accumulation_steps=2", "data.shuffle=true"]
+@pytest.mark.parametrize("attention", ["radial", "svg2"])  # svg2: its warm-start centroids travel with the checkpoint
+def test_resume_equals_uninterrupted(tmp_path: Path, assets: dict, attention: str) -> None:
+    common = [f"attention.type={attention}", "train.max_steps=4", "train.gradient_accumulation_steps=2", "data.shuffle=true",
+              "attention.kmeans_iters=1"]
     straight = train(recipe(tmp_path / "a", "wan", assets, *common))
     first = train(recipe(tmp_path / "b", "wan", assets, *common[:1], "train.max_steps=2", *common[2:], "train.checkpoint_every=2"))
     assert first.losses == pytest.approx(straight.losses[:2], rel=1e-6)
@@ -115,6 +117,25 @@ def test_resume_equals_uninterrupted(tmp_path: Path, assets: dict) -> None:
     resumed = train(recipe(tmp_path / "c", "wan", assets, *common, "train.resume_from=latest"))
     assert partial.losses[:2] == pytest.approx(straight.losses[:2], rel=1e-6)
     assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-5)
+
+
+def test_ema_trains_saves_and_resumes(tmp_path: Path, assets: dict) -> None:
+    ema = ["train.ema.enabled=true", "train.ema.decay=0.5", "train.max_steps=3", "train.checkpoint_every=2"]
+    result = train(recipe(tmp_path, "wan", assets, *ema))
+    from safetensors.torch import load_file
+
+    exported = load_file(str(result.final_dir / "weights" / "lora.safetensors"))
+    assert exported and all(torch.isfinite(v).all() for v in exported.values())
+    resumed = train(recipe(tmp_path, "wan", assets, *ema, "train.max_steps=4", "train.resume_from=latest"))
+    assert len(resumed.losses) == 2 and all(math.isfinite(x) for x in resumed.losses)
+
+
+def test_reused_output_dir_needs_resume_or_overwrite(tmp_path: Path, assets: dict) -> None:
+    train(recipe(tmp_path, "wan", assets, "train.max_steps=1"))
+    with pytest.raises(UserError, match="holds checkpoints or final weights of an earlier run"):
+        train(recipe(tmp_path, "wan", assets, "train.max_steps=1"))
+    again = train(recipe(tmp_path, "wan", assets, "train.max_steps=1", "train.overwrite_output_dir=true"))
+    assert len(again.losses) == 1
 
 
 def test_nan_losses_are_skipped_counted_and_stop(tmp_path: Path, assets: dict, monkeypatch: pytest.MonkeyPatch) -> None:
