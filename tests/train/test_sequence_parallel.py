@@ -51,7 +51,11 @@ def _loss_and_grads(
     transformer = adapter.load_transformer().float()
     frames = JOINT_FRAMES.get(family, FRAMES)
     geometry = adapter.geometry(frames, SIZE, SIZE)
-    router = adapter.install_attention(transformer, AttentionConfig(type=attention, block_size=16, backend="torch"), geometry)
+    extra = {}
+    if attention == "svg2":  # top_p = min_kc_ratio = 1 keeps every cluster pair: exact whatever the clustering
+        extra = dict(top_p=1.0, min_kc_ratio=1.0, num_q_clusters=4, num_k_clusters=8)
+    cfg = AttentionConfig(type=attention, block_size=16, backend="torch", **extra)
+    router = adapter.install_attention(transformer, cfg, geometry)
     scale = 1
     if sp_size > 1:
         from train import sequence_parallel
@@ -122,7 +126,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video", "mochi"])
-@pytest.mark.parametrize("attention", ["dense", "radial"])
+@pytest.mark.parametrize("attention", ["dense", "radial", "svg2"])
 def test_sp2_matches_single_process(tiny_models: dict, family: str, attention: str, tmp_path: Path) -> None:
     model_dir, inputs = tiny_models[family]
     torch.manual_seed(0)
