@@ -9,6 +9,8 @@ accumulates those for logging. With ``data.on_bad_video: error`` both cases rais
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -156,11 +158,15 @@ class ClipDataset(Dataset):
 
     @property
     def item_ids(self) -> list[str]:
-        """Stable text id of every clip (video, clip number, shape, start); the latent cache digests it."""
-        return [
-            f"{e.key}|{e.clip}|{'x'.join(map(str, self.buckets[e.bucket]))}|{'random' if e.start is None else e.start}"
-            for e in self.entries
-        ]
+        """Stable text id of every clip (video, clip number, shape, start, plus a digest of the caption and of the
+        probed video) that the latent cache digests, so an edited caption or a replaced video re-encodes its shard."""
+        ids = []
+        for e in self.entries:
+            content = f"{e.caption}\x00{e.info.num_frames}|{e.info.fps}|{e.info.width}x{e.info.height}|{e.info.codec}"
+            digest = hashlib.sha1(content.encode("utf-8")).hexdigest()[:12]
+            shape = "x".join(map(str, self.buckets[e.bucket]))
+            ids.append(f"{e.key}|{e.clip}|{shape}|{'random' if e.start is None else e.start}|{digest}")
+        return ids
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch for plain-int indices (pairs from BucketBatchSampler carry their own)."""

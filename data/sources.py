@@ -15,6 +15,8 @@ dataset builder can count it.
 
 from __future__ import annotations
 
+import logging
+
 import io
 import math
 import os
@@ -31,6 +33,8 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.json")
 DEFAULT_VIDEO_COLUMNS = ("file_name", "video", "path")
 DEFAULT_CAPTION_COLUMNS = ("caption", "text", "prompt")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def _clean_caption(value: Any) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise TypeError(f"caption values must be strings, got {type(value).__name__}: {value!r}")
-    value = value.strip()
+    value = value.replace("\ufeff", "").strip()  # a byte-order mark from Windows editors is not text
     return value or None
 
 
@@ -141,7 +145,7 @@ def _from_caption_files(folder: Path, videos: list[Path]) -> list[VideoSample]:
     samples = []
     for video in videos:
         txt = video.with_suffix(".txt")
-        caption = _clean_caption(txt.read_text(encoding="utf-8")) if txt.is_file() else None
+        caption = _clean_caption(txt.read_text(encoding="utf-8-sig")) if txt.is_file() else None
         samples.append(VideoSample(str(video.relative_to(folder)), str(video), caption))
     return samples
 
@@ -217,7 +221,11 @@ def _video_ref(
         return value, str(local / value)
     from huggingface_hub import hf_hub_download  # only for Hub ids with file-name columns
 
-    return value, hf_hub_download(repo_id, value, repo_type="dataset")
+    try:
+        return value, hf_hub_download(repo_id, value, repo_type="dataset")
+    except Exception as err:  # noqa: BLE001 - a missing/unreachable file is one unreadable video, not a crash
+        logger.warning("cannot download %s from dataset %s: %s", value, repo_id, err)
+        return value, f"hf://datasets/{repo_id}/{value} (download failed: {type(err).__name__})"
 
 
 def _materialise_stream(

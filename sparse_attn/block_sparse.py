@@ -111,6 +111,9 @@ def _resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
             raise TypeError(f"backend='triton' supports q/k/v dtypes float16, bfloat16, float32; got {q.dtype}")
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='torch'")
+        if not q.is_cuda and q.dtype == torch.bfloat16:  # the interpreter computes bf16 as raw integers
+            raise TypeError("backend='triton' on CPU (TRITON_INTERPRET=1) gives wrong bf16 results; use float16/float32 "
+                            "or backend='torch'")
     return backend
 
 

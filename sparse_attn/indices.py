@@ -9,6 +9,9 @@ mask tensor's identity and ``_version`` so that every layer of a step reuses one
 A *schedule* is the launch order of the programs: a permutation of ``(batch, head, block)`` entries, heads
 of one batch kept together (their K/V share L2) and, within a head, the longest rows first so that the
 stragglers start early (longest-processing-time order).
+
+Only changes that advance the mask's version counter (ordinary in-place ops) are noticed: writes through ``.data``
+or through a numpy array sharing its memory are not, so build a new mask tensor instead of editing one that way.
 """
 
 from __future__ import annotations

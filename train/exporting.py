@@ -432,6 +432,15 @@ def _check_output(output: Path, force: bool) -> None:
         raise ValueError(f"--output: {output} is not empty; pass --force to replace it")
 
 
+def _check_not_inside_run(output: Path, ckpt: "Checkpoint") -> None:
+    """--force replaces --output: never when that would delete the checkpoint or run folder being exported."""
+    out = output.resolve()
+    run = ckpt.config_path.parent if ckpt.config_path is not None else ckpt.folder.parent
+    for protected in (ckpt.folder.resolve(), run.resolve()):
+        if out == protected or out in protected.parents:
+            raise ValueError(f"--output: {output} would replace the run being exported ({protected}); choose another folder")
+
+
 def _readable_files(folder: Path) -> None:
     """safetensors writes through a private temp file (mode 0600); exports are meant to be shared: use the umask."""
     umask = os.umask(0)
@@ -480,6 +489,7 @@ def export_checkpoint(
     output = Path(output)
     _check_output(output, force)
     ckpt = resolve_checkpoint(checkpoint)
+    _check_not_inside_run(output, ckpt)
     if ckpt.mode == "lora" and formats == [] and not merge:
         raise ValueError("--lora-format none without --merge leaves nothing to export")
     from train.model_card import model_card
@@ -508,7 +518,7 @@ def export_checkpoint(
             if "comfyui" in formats:
                 skip = _comfyui_unavailable(adapter, modules)
                 all_linear = None
-                if skip is None:
+                if skip is None and adapter.comfyui_fuses:  # only fused original weights need the base layout
                     all_linear = linear_out_features(ckpt.family, str(ckpt.meta["pretrained"]), ckpt.meta.get("revision"))
                     if all_linear is None:
                         skip = (f"the base transformer config of {ckpt.meta['pretrained']!r} cannot be read (offline?), "
@@ -531,6 +541,9 @@ def export_checkpoint(
             transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True, max_shard_size=max_shard_size)
             written["transformer"] = True
             del transformer
+        if not any(written.values()):
+            raise ValueError("nothing to export: " + ("; ".join(notes) or "no weights were written")
+                             + " (ask for --lora-format diffusers, or --merge)")
         if ckpt.config_path is not None:
             shutil.copyfile(ckpt.config_path, tmp / "training_config.yaml")
         else:

@@ -274,7 +274,19 @@ def load_sampling_pipeline(opts: SampleOptions, adapter: Any, device: torch.devi
     pipe = adapter.load_pipeline(transformer=transformer)
     if opts.lora:
         log(f"loading LoRA {opts.lora}")
-        pipe.load_lora_weights(opts.lora, adapter_name="sample")
+        from train.exporting import LORA_FILE
+
+        lora = str(opts.lora)
+        local = Path(lora).expanduser()
+        if local.is_dir() and (local / LORA_FILE).is_file() or not local.exists() and not lora.endswith(".safetensors"):
+            try:  # name our file: offline, diffusers cannot guess a Hub repo's file name
+                pipe.load_lora_weights(lora, adapter_name="sample", weight_name=LORA_FILE)
+            except (OSError, ValueError):
+                if local.is_dir():
+                    raise
+                pipe.load_lora_weights(lora, adapter_name="sample")  # another file name in someone else's repo
+        else:
+            pipe.load_lora_weights(lora, adapter_name="sample")
         pipe.fuse_lora(components=["transformer"], lora_scale=opts.lora_scale)  # plain weights: no LoRA cost per step
         pipe.unload_lora_weights()
     if opts.cpu_offload and device.type == "cuda":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import subprocess
 import sys
@@ -218,3 +220,22 @@ def test_collate_latents_rejects_mixed_shapes():
     assert collate_latents([a, a])["latents"].shape == (2, 4, 2, 2, 2)
     with pytest.raises(ValueError, match="mixes latent shapes"):
         collate_latents([a, b])
+
+
+def test_edited_caption_is_not_served_from_a_stale_cache(tmp_path, clips):
+    import dataclasses
+
+    cfg, ds, _ = clips
+    write_cache(tmp_path / "c", ds, fake_encode_videos, fake_encode_prompts, _ident(cfg), shard_size=2)
+    edited = copy.copy(ds)
+    edited.entries = [dataclasses.replace(e, caption=e.caption + " (fixed)") if i == 0 else e for i, e in enumerate(ds.entries)]
+    assert edited.item_ids[0] != ds.item_ids[0] and edited.item_ids[1:] == ds.item_ids[1:]
+    try:  # the cache must either re-encode or refuse; silently keeping the old caption is the bug
+        write_cache(tmp_path / "c", edited, fake_encode_videos, fake_encode_prompts, _ident(cfg), shard_size=2)
+    except ValueError as err:
+        assert "overwrite" in str(err) or "differ" in str(err), err
+        return
+    with open(tmp_path / "c" / MANIFEST) as fh:
+        assert json.load(fh)["count"] == 12
+    cache, _ = open_cache(cfg, model_id="tiny/wan", revision="abc123", family="wan")
+    assert any(cache[i]["caption"].endswith("(fixed)") for i in range(len(cache)))

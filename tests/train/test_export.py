@@ -231,12 +231,14 @@ def test_default_dtype_is_bf16_and_metadata_is_what_diffusers_writes(wan: Case, 
 
 
 def test_comfyui_keys_follow_the_original_names(case: Case, tmp_path: Path) -> None:
-    res = export(case, tmp_path / "out", lora_formats="comfyui")
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in case.lora_state})
     if any(case.adapter.comfyui_key(m) is None for m in modules):  # a family without original names for them
-        assert not (tmp_path / "out" / exporting.COMFYUI_FILE).exists()
-        assert any(n.startswith("ComfyUI LoRA skipped:") for n in res.notes), res.notes
+        # asking for ComfyUI alone would export no weights at all: refused, naming why, nothing written
+        with pytest.raises(ValueError, match="nothing to export: ComfyUI LoRA skipped"):
+            export(case, tmp_path / "out", lora_formats="comfyui")
+        assert not (tmp_path / "out").exists()
         return
+    export(case, tmp_path / "out", lora_formats="comfyui")
     tensors = load_file(str(tmp_path / "out" / exporting.COMFYUI_FILE))
     with safe_open(str(tmp_path / "out" / exporting.COMFYUI_FILE), "pt") as f:
         assert "lora_adapter_metadata" not in (f.metadata() or {})  # the scale is baked in, not declared
@@ -551,3 +553,12 @@ def test_non_empty_output_via_cli(wan: Case, tmp_path: Path, capsys: pytest.Capt
     code, err = run_cli(["--checkpoint", str(wan.run), "--output", str(tmp_path / "out"), "--force"], capsys)
     assert code == 0 and err == []
     assert (tmp_path / "out" / exporting.LORA_FILE).is_file() and (tmp_path / "out" / exporting.COMFYUI_FILE).is_file()
+
+
+def test_force_never_replaces_the_run_being_exported(case: Case) -> None:
+    final = case.run / "final"
+    for source in (case.run, final):
+        for target in (final, case.run, case.run.parent):
+            with pytest.raises(ValueError, match="would replace the run being exported"):
+                exporting.export_checkpoint(source, target, force=True, log=lambda _: None)
+    assert (final / "weights" / "lora.safetensors").is_file() and (case.run / "checkpoints").is_dir()

@@ -105,6 +105,9 @@ class ModelAdapter(ABC):
         tokenizer(s)); used by the tests and the quickstart, where no weights can be downloaded."""
 
     # -- export -----------------------------------------------------------------------------
+    #: Whether several diffusers modules map to one fused original weight (exporting that needs the base config).
+    comfyui_fuses: ClassVar[bool] = False
+
     def comfyui_key(self, diffusers_module: str) -> Optional[str]:
         """Original (ComfyUI) module name for a diffusers module name, or None where the family has none."""
         return None

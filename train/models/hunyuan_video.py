@@ -217,6 +217,7 @@ class HunyuanVideoAdapter(common.PipelineAdapter):
 
     family = "hunyuan_video"
     display_name = "HunyuanVideo"
+    comfyui_fuses = True  # split q/k/v (and the single blocks' MLP) map onto fused original weights
     frame_multiple = 4
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     #: Timestep shift of the training noise levels: 7.0, the sampler's.
