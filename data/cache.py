@@ -223,6 +223,7 @@ def write_cache(
     clip_shapes = [list(b) for b in dataset.buckets]  # type: ignore[attr-defined]
     plan = {**identity, "clip_shapes": clip_shapes, "num_items": len(item_ids), "shard_size": shard_size,
             "num_shards": num_shards, "plan_digest": _digest(item_ids + [json.dumps(clip_shapes)])}
+    _outdated(cache_dir, plan, overwrite)  # on every rank, before anyone waits at the barrier
     if rank == 0 or barrier is None:
         _prepare_dir(cache_dir, plan, overwrite, rank)
     if barrier is not None:
@@ -245,16 +246,23 @@ def write_cache(
     return finalize_cache(cache_dir, extra_manifest)
 
 
+def _outdated(cache_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[str]:
+    """Differences between the cache's plan and ``plan``; raises when they exist and ``overwrite`` is off.
+    Read-only, so every rank can check before the barrier (no rank then waits for one that failed)."""
+    plan_path = cache_dir / PLAN
+    diffs = diff_identity(_read_json(plan_path), plan) if plan_path.is_file() else []
+    if diffs and not overwrite:
+        raise ValueError(
+            f"{cache_dir} holds a cache for a different setup; differences:\n" + "\n".join(diffs)
+            + "\nuse another cache folder or pass overwrite (--overwrite) to replace it"
+        )
+    return diffs
+
+
 def _prepare_dir(cache_dir: Path, plan: dict[str, Any], overwrite: bool, rank: int) -> None:
     plan_path = cache_dir / PLAN
     if plan_path.is_file():
-        old = _read_json(plan_path)
-        diffs = diff_identity(old, plan)
-        if diffs and not overwrite:
-            raise ValueError(
-                f"{cache_dir} holds a cache for a different setup; differences:\n" + "\n".join(diffs)
-                + "\nuse another cache folder or pass overwrite (--overwrite) to replace it"
-            )
+        diffs = _outdated(cache_dir, plan, overwrite)
         if diffs and overwrite and rank == 0:
             shutil.rmtree(cache_dir / SHARDS, ignore_errors=True)
             (cache_dir / MANIFEST).unlink(missing_ok=True)
