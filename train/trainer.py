@@ -65,7 +65,6 @@ class Trainer:
         self._validator: Any = None
         self._last_good: Optional[dict] = None  # last batch that decoded (stand-in for an all-failed batch)
         self.data_report: Any = None  # data.dataset.SkipReport: skipped videos by reason, decode failures
-        self._base_shape = (cfg.data.frames, cfg.data.height, cfg.data.width)
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
