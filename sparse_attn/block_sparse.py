@@ -5,8 +5,10 @@ only the key blocks ``j`` with ``block_mask[..., i, j]`` True (blocks of ``block
 block may be partial and is exact).  Two backends compute the same function:
 
 * ``"triton"`` - fused Triton kernels (``sparse_attn/kernels/block_sparse.py``) for the forward and the
-  backward, wrapped in a ``torch.autograd.Function``; CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests);
-* ``"torch"`` - pure PyTorch (``sparse_attn/reference.py``), any device, differentiable by autograd.
+  backward; CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests);
+* ``"torch"`` - pure PyTorch (``sparse_attn/reference.py``), any device, explicit forward/backward.
+
+Both run inside the custom ops of ``sparse_attn/ops.py`` (autograd, ``torch.compile``, selective checkpointing).
 
 ``key_padding_mask`` (bool ``[B, N]``, True = valid key) removes keys from every softmax - the padded text
 tokens of joint text+video attention.  A query row with no valid key returns zeros and zero gradients.
@@ -19,8 +21,7 @@ import os
 
 import torch
 
-from .indices import block_index
-from .reference import block_sparse_attention_reference
+from . import ops
 
 __all__ = ["block_sparse_attention"]
 
@@ -117,62 +118,6 @@ def _resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
     return backend
 
 
-def _as_4d(block_mask: torch.Tensor) -> torch.Tensor:
-    if block_mask.dim() == 2:
-        return block_mask[None, None]
-    if block_mask.dim() == 3:
-        return block_mask[None]
-    return block_mask
-
-
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    """The kernels index the head dim with stride 1; any other layout is kept as is."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, index, block_size, scale, key_padding_mask, schedule_mode):
-        from .kernels.block_sparse import block_sparse_forward
-
-        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-        bsz, heads = q.shape[:2]
-        sched_rows = index.schedule(bsz, heads, transposed=False, mode=schedule_mode)
-        out, lse = block_sparse_forward(
-            q, k, v, index, sched_rows, block_size=block_size, scale=scale, key_padding_mask=key_padding_mask
-        )
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.index = index
-        ctx.block_size = block_size
-        ctx.scale = scale
-        ctx.key_padding_mask = key_padding_mask
-        ctx.schedule_mode = schedule_mode
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        from .kernels.block_sparse import block_sparse_backward
-
-        q, k, v, out, lse = ctx.saved_tensors
-        bsz, heads = q.shape[:2]
-        index = ctx.index
-        need_dq = ctx.needs_input_grad[0]
-        need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = block_sparse_backward(
-            _unit_stride(grad_out),
-            q, k, v, out, lse, index,
-            index.schedule(bsz, heads, transposed=False, mode=ctx.schedule_mode),
-            index.schedule(bsz, heads, transposed=True, mode=ctx.schedule_mode),
-            block_size=ctx.block_size,
-            scale=ctx.scale,
-            key_padding_mask=ctx.key_padding_mask,
-            need_dq=need_dq,
-            need_dkdv=need_dkdv,
-        )
-        return dq, dk, dv, None, None, None, None, None
-
-
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -183,6 +128,8 @@ def block_sparse_attention(
     scale: float | None = None,
     backend: str = "auto",
     key_padding_mask: torch.Tensor | None = None,
+    layout: str = "bhnd",
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse softmax attention, differentiable w.r.t. ``q``, ``k``, ``v``.
 
@@ -196,15 +143,23 @@ def block_sparse_attention(
         backend: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA when D in {64, 128}, block_size in
             {64, 128} and the dtype is fp16/bf16/fp32; torch otherwise).
         key_padding_mask: optional bool ``[B, N]``, True = valid key; invalid keys never enter a softmax.
+        layout: ``"bhnd"`` (q/k/v/out are ``[B, H, N, D]``) or ``"bnhd"`` (``[B, N, H, D]``, as diffusers'
+            processors hold them before their transpose): no copy either way.
+        deterministic: bit-reproducible gradients (``None`` = ``torch.are_deterministic_algorithms_enabled()``).
+
+    Runs as the custom op ``sparse_attn::block_sparse_fwd`` (see :mod:`sparse_attn.ops`): ``torch.compile``
+    does not break its graph here, and ``ops.CHECKPOINT_SAVE_OPS`` names it for selective checkpointing.
 
     Returns:
-        ``[B, H, N, D]`` in ``q``'s dtype.  Query rows without any valid key are 0 (with zero gradients).
+        ``[B, H, N, D]`` (``[B, N, H, D]`` for ``layout="bnhd"``), contiguous, in ``q``'s dtype.  Query rows
+        without any valid key are 0 (with zero gradients).
     """
-    _, scale = _validate(q, k, v, block_mask, block_size, scale, backend, key_padding_mask)
-    backend = _resolve_backend(backend, q, block_size)
-    if backend == "torch":
-        return block_sparse_attention_reference(
-            q, k, v, _as_4d(block_mask), block_size=block_size, scale=scale, key_padding_mask=key_padding_mask
-        )
-    index = block_index(block_mask)
-    return _BlockSparseAttention.apply(q, k, v, index, block_size, scale, key_padding_mask, "lpt")
+    if layout not in ops.LAYOUTS:
+        raise ValueError(f"layout must be one of {ops.LAYOUTS}, got {layout!r}")
+    q4, k4, v4 = (ops._bhnd(x, layout) if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in (q, k, v))
+    _, scale = _validate(q4, k4, v4, block_mask, block_size, scale, backend, key_padding_mask)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    backend = _resolve_backend(backend, q4, block_size)
+    out, _ = ops.block_sparse_fwd(q, k, v, block_mask, key_padding_mask, block_size, scale, backend, layout, bool(deterministic))
+    return out
