@@ -2,7 +2,10 @@
 
 ``block_sparse_attention(q, k, v, block_mask)`` computes softmax attention in which query block ``i`` sees
 only the key blocks ``j`` with ``block_mask[..., i, j]`` True (blocks of ``block_size`` tokens; the last
-block may be partial and is exact).  Two backends compute the same function:
+block may be partial and is exact).  Three backends compute the same function:
+
+* ``"fa4"`` - FlashAttention-4's block-sparse kernels (optional ``flash-attn-4``, ``sparse_attn/backends/fa4.py``):
+  Hopper/Blackwell, fp16/bf16, D in {64, 128}, 128-token blocks; the fastest where it runs;
 
 * ``"triton"`` - fused Triton kernels (``sparse_attn/kernels/block_sparse.py``) for the forward and the
   backward; CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests);
@@ -22,10 +25,11 @@ import os
 import torch
 
 from . import ops
+from .backends import fa4
 
 __all__ = ["block_sparse_attention"]
 
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "fa4", "triton", "torch")
 _TRITON_HEAD_DIMS = (64, 128)
 _TRITON_BLOCK_SIZES = (64, 128)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -97,24 +101,40 @@ def _validate(q, k, v, block_mask, block_size, scale, backend, key_padding_mask)
     return nb, float(scale)
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
+def _triton_reason(q: torch.Tensor, block_size: int) -> tuple[type, str] | None:
+    """Why our Triton kernels cannot run this call, or None."""
+    head_dim = q.shape[-1]
+    if head_dim not in _TRITON_HEAD_DIMS:
+        return ValueError, f"supports head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}; use backend='torch'"
+    if block_size not in _TRITON_BLOCK_SIZES:
+        return ValueError, f"supports block_size in {_TRITON_BLOCK_SIZES}, got {block_size}; use backend='torch'"
+    if q.dtype not in _TRITON_DTYPES:
+        return TypeError, f"supports q/k/v dtypes float16, bfloat16, float32; got {q.dtype}"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return ValueError, "needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='torch'"
+    if not q.is_cuda and q.dtype == torch.bfloat16:  # the interpreter computes bf16 as raw integers
+        return TypeError, "on CPU (TRITON_INTERPRET=1) gives wrong bf16 results; use float16/float32 or backend='torch'"
+    return None
+
+
+def _resolve_backend(backend: str, q: torch.Tensor, block_size: int, deterministic: bool) -> str:
+    """The backend that runs this call (``q`` as ``[B, H, N, D]``).
+
+    ``auto``: torch on CPU; on CUDA FlashAttention-4 when installed and it supports the GPU / dtype / head dim /
+    block size and bit-reproducible gradients are not asked for (its dQ uses atomics), else our Triton kernels
+    when they cover the shape, else torch.  An explicit backend that cannot run raises one error saying why.
+    """
     if backend == "auto":
-        # Triton on CUDA whenever the kernels cover the shape; the torch path computes the same function
-        triton_ok = q.shape[-1] in _TRITON_HEAD_DIMS and block_size in _TRITON_BLOCK_SIZES and q.dtype in _TRITON_DTYPES
-        return "triton" if q.is_cuda and triton_ok else "torch"
-    if backend == "triton":
-        head_dim = q.shape[-1]
-        if head_dim not in _TRITON_HEAD_DIMS:
-            raise ValueError(f"backend='triton' supports head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}; use backend='torch'")
-        if block_size not in _TRITON_BLOCK_SIZES:
-            raise ValueError(f"backend='triton' supports block_size in {_TRITON_BLOCK_SIZES}, got {block_size}; use backend='torch'")
-        if q.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"backend='triton' supports q/k/v dtypes float16, bfloat16, float32; got {q.dtype}")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='torch'")
-        if not q.is_cuda and q.dtype == torch.bfloat16:  # the interpreter computes bf16 as raw integers
-            raise TypeError("backend='triton' on CPU (TRITON_INTERPRET=1) gives wrong bf16 results; use float16/float32 "
-                            "or backend='torch'")
+        if not q.is_cuda:
+            return "torch"
+        if not deterministic and fa4.unsupported_reason(q, block_size) is None:
+            return "fa4"
+        return "triton" if _triton_reason(q, block_size) is None else "torch"
+    if backend in ("fa4", "triton"):
+        reason = fa4.unsupported_reason(q, block_size) if backend == "fa4" else _triton_reason(q, block_size)
+        if reason is not None:
+            exc, why = reason
+            raise exc(f"backend='{backend}' {why}" if backend == "triton" else f"backend='fa4': {why}")
     return backend
 
 
@@ -140,12 +160,15 @@ def block_sparse_attention(
             index form is cached on the tensor (identity + version), so pass the same tensor every layer.
         block_size: tokens per block.  Triton: 64 or 128; torch: any value >= 16.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA when D in {64, 128}, block_size in
-            {64, 128} and the dtype is fp16/bf16/fp32; torch otherwise).
+        backend: ``"fa4"``, ``"triton"``, ``"torch"`` or ``"auto"``: on CUDA FA4 where it runs (installed,
+            sm90/sm100, fp16/bf16, D in {64, 128}, block_size 128) unless ``deterministic``, else Triton (D in
+            {64, 128}, block_size in {64, 128}, fp16/bf16/fp32), else torch; torch on CPU.
         key_padding_mask: optional bool ``[B, N]``, True = valid key; invalid keys never enter a softmax.
         layout: ``"bhnd"`` (q/k/v/out are ``[B, H, N, D]``) or ``"bnhd"`` (``[B, N, H, D]``, as diffusers'
             processors hold them before their transpose): no copy either way.
-        deterministic: bit-reproducible gradients (``None`` = ``torch.are_deterministic_algorithms_enabled()``).
+        deterministic: bit-reproducible gradients (``None`` = ``torch.are_deterministic_algorithms_enabled()``):
+            ``auto`` then never picks FA4 (its SM90 dQ accumulates with atomics; Triton's dQ pass does not);
+            an explicit ``backend="fa4"`` runs FA4's slower semaphore-ordered deterministic backward.
 
     Runs as the custom op ``sparse_attn::block_sparse_fwd`` (see :mod:`sparse_attn.ops`): ``torch.compile``
     does not break its graph here, and ``ops.CHECKPOINT_SAVE_OPS`` names it for selective checkpointing.
@@ -160,6 +183,8 @@ def block_sparse_attention(
     _, scale = _validate(q4, k4, v4, block_mask, block_size, scale, backend, key_padding_mask)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    backend = _resolve_backend(backend, q4, block_size)
-    out, _ = ops.block_sparse_fwd(q, k, v, block_mask, key_padding_mask, block_size, scale, backend, layout, bool(deterministic))
+    backend = _resolve_backend(backend, q4, block_size, bool(deterministic))
+    out, _ = ops.block_sparse_fwd(
+        q, k, v, block_mask, key_padding_mask, None, None, None, None, block_size, scale, backend, layout, bool(deterministic)
+    )
     return out

@@ -51,6 +51,18 @@ def _lse_meta(q: Tensor, block_size: int, backend: str, layout: str) -> tuple[tu
     return (b * h, nb * block_size), dtype
 
 
+def _groups(partial_mask, q_groups, k_groups, group_pairs) -> tuple | None:
+    if partial_mask is None:
+        return None
+    return (_as_4d(partial_mask), q_groups, k_groups, group_pairs)
+
+
+def _no_groups(partial_mask: Optional[Tensor], backend: str) -> None:
+    if partial_mask is not None:
+        raise ValueError(f"sparse_attn::block_sparse_*: token groups (partial blocks) need backend 'torch' or 'fa4', "
+                         f"not {backend!r}")
+
+
 def _unit_stride(x: Tensor) -> Tensor:
     """The kernels index the head dim with stride 1; any other layout is kept as is."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -63,13 +75,24 @@ def block_sparse_fwd(
     v: Tensor,
     block_mask: Tensor,
     key_padding_mask: Optional[Tensor],
+    partial_mask: Optional[Tensor],
+    q_groups: Optional[Tensor],
+    k_groups: Optional[Tensor],
+    group_pairs: Optional[Tensor],
     block_size: int,
     scale: float,
     backend: str,
     layout: str,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Forward of validated inputs on a resolved backend (``"triton"``, ``"torch"`` or ``"fa4"``)."""
+    """Forward of validated inputs on a resolved backend (``"triton"``, ``"torch"`` or ``"fa4"``).
+
+    ``partial_mask``/``q_groups``/``k_groups``/``group_pairs`` (all or none; torch and fa4 backends): inside the
+    blocks marked in ``partial_mask`` (bool, shaped like ``block_mask``) query ``i`` sees key ``j`` only if
+    ``group_pairs[b, h, q_groups[b, h, i], k_groups[b, h, j]]`` (int32 ``[B, H, Nb*block_size]`` group ids,
+    bool ``[B, H, Rq, Rk]``; positions past ``N`` must carry a group whose pairs are all False).  This is how
+    SVG2 cluster pairs run on the block-sparse kernels.
+    """
     global forward_calls
     forward_calls += 1
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous in the caller's layout
@@ -78,7 +101,8 @@ def block_sparse_fwd(
         from .reference import block_sparse_forward_torch
 
         o, lse = block_sparse_forward_torch(
-            q4, k4, v4, _as_4d(block_mask), block_size=block_size, scale=scale, key_padding_mask=key_padding_mask
+            q4, k4, v4, _as_4d(block_mask), block_size=block_size, scale=scale, key_padding_mask=key_padding_mask,
+            groups=_groups(partial_mask, q_groups, k_groups, group_pairs),
         )
         out4.copy_(o)
         return out, lse.reshape(lse.shape[0] * lse.shape[1], -1)
@@ -86,6 +110,7 @@ def block_sparse_fwd(
         from .indices import block_index
         from .kernels.block_sparse import block_sparse_forward
 
+        _no_groups(partial_mask, backend)
         index = block_index(block_mask)
         bsz, heads = q4.shape[:2]
         sched = index.schedule(bsz, heads, transposed=False, mode="lpt")
@@ -97,13 +122,15 @@ def block_sparse_fwd(
     if backend == "fa4":
         from .backends import fa4
 
-        lse = fa4.forward(q, k, v, block_mask, key_padding_mask, block_size, scale, layout, out)
+        lse = fa4.forward(q, k, v, block_mask, key_padding_mask, _groups(partial_mask, q_groups, k_groups, group_pairs),
+                          block_size, scale, layout, out)
         return out, lse
     raise ValueError(f"sparse_attn::block_sparse_fwd: unknown backend {backend!r}")
 
 
 @block_sparse_fwd.register_fake
-def _(q, k, v, block_mask, key_padding_mask, block_size, scale, backend, layout, deterministic):
+def _(q, k, v, block_mask, key_padding_mask, partial_mask, q_groups, k_groups, group_pairs, block_size, scale, backend,
+      layout, deterministic):
     shape, dtype = _lse_meta(q, block_size, backend, layout)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(shape, dtype=dtype)
 
@@ -118,6 +145,10 @@ def block_sparse_bwd(
     lse: Tensor,
     block_mask: Tensor,
     key_padding_mask: Optional[Tensor],
+    partial_mask: Optional[Tensor],
+    q_groups: Optional[Tensor],
+    k_groups: Optional[Tensor],
+    group_pairs: Optional[Tensor],
     block_size: int,
     scale: float,
     backend: str,
@@ -135,6 +166,7 @@ def block_sparse_bwd(
         res = block_sparse_backward_torch(
             do4, q4, k4, v4, out4, lse.reshape(b, h, -1), _as_4d(block_mask),
             block_size=block_size, scale=scale, key_padding_mask=key_padding_mask,
+            groups=_groups(partial_mask, q_groups, k_groups, group_pairs),
         )
         for g, r in zip(g4, res):
             g.copy_(r)
@@ -143,6 +175,7 @@ def block_sparse_bwd(
         from .indices import block_index
         from .kernels.block_sparse import block_sparse_backward
 
+        _no_groups(partial_mask, backend)
         index = block_index(block_mask)
         bsz, heads = q4.shape[:2]
         block_sparse_backward(
@@ -155,29 +188,31 @@ def block_sparse_bwd(
     if backend == "fa4":
         from .backends import fa4
 
-        fa4.backward(grad_out, q, k, v, out, lse, block_mask, key_padding_mask, block_size, scale, layout,
-                     deterministic, grads)
+        fa4.backward(grad_out, q, k, v, out, lse, block_mask, key_padding_mask,
+                     _groups(partial_mask, q_groups, k_groups, group_pairs), block_size, scale, layout, deterministic,
+                     grads)
         return grads
     raise ValueError(f"sparse_attn::block_sparse_bwd: unknown backend {backend!r}")
 
 
 @block_sparse_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, block_mask, key_padding_mask, block_size, scale, backend, layout, deterministic):
+def _(grad_out, q, k, v, out, lse, block_mask, key_padding_mask, partial_mask, q_groups, k_groups, group_pairs,
+      block_size, scale, backend, layout, deterministic):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, block_mask, key_padding_mask, block_size, scale, backend, layout, deterministic = inputs
+    q, k, v, block_mask, key_padding_mask, partial_mask, q_groups, k_groups, group_pairs = inputs[:9]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, block_mask, key_padding_mask)
-    ctx.args = (block_size, scale, backend, layout, deterministic)
+    ctx.save_for_backward(q, k, v, out, lse, block_mask, key_padding_mask, partial_mask, q_groups, k_groups, group_pairs)
+    ctx.args = tuple(inputs[9:])
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
-    q, k, v, out, lse, block_mask, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = block_sparse_bwd(grad_out, q, k, v, out, lse, block_mask, key_padding_mask, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, out, lse, *masks = ctx.saved_tensors
+    dq, dk, dv = block_sparse_bwd(grad_out, q, k, v, out, lse, *masks, *ctx.args)
+    return (dq, dk, dv) + (None,) * 11
 
 
 block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)

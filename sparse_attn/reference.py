@@ -145,6 +145,27 @@ def _gather(mask_chunk, key_valid, b, h):
     return order, ok, c, bi, hi
 
 
+def _chunk_ok(ok, groups, order, r0, r1, bi, hi, block_size):
+    """Allowed (query, key) pairs of a chunk: ``[B, H, R, 1 or bs, c*bs]``.
+
+    ``groups = (partial [Bm,Hm,Nb,Nb], q_groups [B,H,Nb*bs], k_groups [B,H,Nb*bs], pairs [B,H,Rq,Rk])``: in the
+    blocks marked partial, query ``i`` sees key ``j`` only if ``pairs[b, h, q_groups[i], k_groups[j]]``.
+    """
+    b, h, r, c, bs = ok.shape
+    if groups is None:
+        return ok.reshape(b, h, r, 1, c * bs)
+    partial, q_groups, k_groups, pairs = groups
+    nb = q_groups.shape[-1] // bs
+    rq, rk = pairs.shape[-2:]
+    qg = q_groups.view(b, h, nb, bs)[:, :, r0:r1].long()  # [B, H, R, bs]
+    kg = k_groups.view(b, h, nb, bs)[bi, hi, order].long()  # [B, H, R, c, bs]
+    part = partial.expand(b, h, nb, nb)[:, :, r0:r1].gather(-1, order)  # [B, H, R, c]
+    flat = (qg[..., :, None, None] * rk + kg[..., None, :, :]).reshape(b, h, -1)  # [B, H, R*bs*c*bs]
+    pair_ok = pairs.reshape(b, h, rq * rk).gather(-1, flat).view(b, h, r, bs, c, bs)
+    pair_ok = pair_ok | ~part[:, :, :, None, :, None]
+    return (pair_ok & ok[:, :, :, None]).reshape(b, h, r, bs, c * bs)
+
+
 def block_sparse_forward_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,9 +175,11 @@ def block_sparse_forward_torch(
     block_size: int,
     scale: float,
     key_padding_mask: torch.Tensor | None = None,
+    groups: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B,H,N,D] in q's dtype, lse [B,H,Nb*block_size])``: natural-log LSE of the scaled scores,
-    ``-inf`` on rows without a valid key; fp64 for fp64 inputs, fp32 otherwise.  No autograd."""
+    ``-inf`` on rows without a valid key; fp64 for fp64 inputs, fp32 otherwise.  No autograd.
+    ``groups``: optional token-level mask inside partial blocks (see :func:`_chunk_ok`)."""
     b, h, n, d = q.shape
     (qb, kb, vb), mask, key_valid, chunks, dtype = _prepare(q, k, v, block_mask, block_size, key_padding_mask)
     nb = mask.shape[-1]
@@ -170,7 +193,7 @@ def block_sparse_forward_torch(
         r = r1 - r0
         kg, vg = kb[bi, hi, order], vb[bi, hi, order]  # [B, H, R, c, bs, D]
         s = torch.einsum("bhrqd,bhrckd->bhrqck", qb[:, :, r0:r1], kg).reshape(b, h, r, block_size, c * block_size) * scale
-        s = s.masked_fill(~ok.reshape(b, h, r, 1, c * block_size), float("-inf"))
+        s = s.masked_fill(~_chunk_ok(ok, groups, order, r0, r1, bi, hi, block_size), float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
@@ -193,6 +216,7 @@ def block_sparse_backward_torch(
     block_size: int,
     scale: float,
     key_padding_mask: torch.Tensor | None = None,
+    groups: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` in the inputs' dtype from the forward's ``out`` and ``lse``.  No autograd."""
     b, h, n, d = q.shape
@@ -215,7 +239,7 @@ def block_sparse_backward_torch(
         q_c, do_c = qb[:, :, r0:r1], dob[:, :, r0:r1]
         s = torch.einsum("bhrqd,bhrckd->bhrqck", q_c, kg).reshape(b, h, r, block_size, c * block_size) * scale
         row_lse = lse_b[:, :, r0:r1, :, None]
-        live = ok.reshape(b, h, r, 1, c * block_size) & torch.isfinite(row_lse)
+        live = _chunk_ok(ok, groups, order, r0, r1, bi, hi, block_size) & torch.isfinite(row_lse)
         p = torch.where(live, torch.exp(s - torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))), 0.0)
         dp = torch.einsum("bhrqd,bhrkd->bhrqk", do_c, vg.reshape(b, h, r, c * block_size, d))
         ds = p * (dp - delta[:, :, r0:r1, :, None])

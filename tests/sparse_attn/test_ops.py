@@ -33,7 +33,7 @@ def test_opcheck(backend, dtype, d, bs):
     for padding in (None, kpm):
         torch.library.opcheck(
             torch.ops.sparse_attn.block_sparse_fwd.default,
-            (q, k, v, mask, padding, bs, 0.25, backend, "bhnd", False),
+            (q, k, v, mask, padding, None, None, None, None, bs, 0.25, backend, "bhnd", False),
             test_utils=tests,
         )
 
