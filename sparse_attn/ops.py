@@ -40,6 +40,9 @@ def _bhnd(x: Tensor, layout: str) -> Tensor:
 
 
 def _as_4d(block_mask: Tensor) -> Tensor:
+    """``[Bm, Hm, Nb, Nb]`` view; a 4-D mask is returned as is (its identity keys the FA4 list cache)."""
+    if block_mask.dim() == 4:
+        return block_mask
     return block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape))
 
 

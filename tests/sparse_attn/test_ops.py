@@ -66,16 +66,16 @@ def test_layout_bnhd_no_copy(backend, dtype, d, bs, tol):
     assert_close((t(out), t(qg.grad), t(kg.grad), t(vg.grad)), ref, tol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,layout", [("torch", "bhnd"), ("triton", "bhnd"), ("auto", "bnhd")])
+def test_compile_fullgraph(backend, layout):
     """torch.compile(fullgraph=True) of a function around block_sparse_attention: no graph break, same grads."""
     torch._dynamo.reset()
-    dtype, d, bs = (torch.float64, 16, 32) if backend == "torch" else (torch.float32, 64, 64)
-    (q, k, v, do), gen = _inputs(1, 2, 96, d, dtype, 11)
+    dtype, d, bs = (torch.float32, 64, 64) if backend == "triton" else (torch.float64, 16, 32)
+    (q, k, v, do), gen = _inputs(1, 2, 96, d, dtype, 11, layout=layout)
     mask = make_mask("per_head", 1, 2, math.ceil(96 / bs), gen)
 
     def f(q, k, v):
-        return block_sparse_attention(q * 1.5, k, v, mask, block_size=bs, backend=backend).sin()
+        return block_sparse_attention(q * 1.5, k, v, mask, block_size=bs, backend=backend, layout=layout).sin()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     grads = []
