@@ -1,0 +1,148 @@
+"""train/step_speed.py: the save_attention checkpoint policy and regional compilation, on a tiny Wan (CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import pytest
+import torch
+from models_helpers import family_fixtures
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from train import step_speed
+from train.config import ConfigError, load_config
+from train.config_schema import AttentionConfig
+from train.models.wan import WanAdapter
+
+FRAMES, HEIGHT, WIDTH = 17, 64, 64  # latents [B, 4, 5, 8, 8]: 80 video tokens
+RADIAL = AttentionConfig(type="radial", block_size=16, backend="torch")
+SVG2 = AttentionConfig(type="svg2", num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, kmeans_iters=1,
+                       backend="torch")
+DENSE = AttentionConfig(type="dense")
+
+tiny_dir, adapter, encoders, lora_transformer = family_fixtures(WanAdapter)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ops that really execute (below the checkpoint's caching modes, which answer saved ones)."""
+
+    def __init__(self, ops: tuple) -> None:
+        super().__init__()
+        self.ops, self.counts = set(ops), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.ops:
+            self.counts[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _batch(adapter: WanAdapter, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    latents, noise = torch.randn(2, 4, 5, 8, 8, generator=g), torch.randn(2, 4, 5, 8, 8, generator=g)
+    noisy, timesteps, target = adapter.training_pair(latents, noise, torch.tensor([0.4, 0.7]))
+    return noisy, timesteps, target, {"encoder_hidden_states": torch.randn(2, 24, 32, generator=g)}
+
+
+def _step(adapter: WanAdapter, tr, cfg: AttentionConfig, policy: str | None, counter: _OpCounter | None = None):
+    """One MSE forward/backward with the router of ``cfg`` and checkpointing ``policy`` (None: off)."""
+    adapter.install_attention(tr, cfg, adapter.geometry(FRAMES, HEIGHT, WIDTH))
+    step_speed.configure(tr, gradient_checkpointing=policy is not None, checkpoint_policy=policy or "full",
+                         compile=False, device=torch.device("cpu"))
+    if policy is None:
+        tr.disable_gradient_checkpointing()
+    tr.zero_grad(set_to_none=True)
+    noisy, timesteps, target, cond = _batch(adapter)
+    with counter if counter is not None else contextlib.nullcontext():
+        loss = torch.nn.functional.mse_loss(adapter.predict(tr, noisy, timesteps, cond), target)
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("cfg", [DENSE, RADIAL, SVG2], ids=["dense", "radial", "svg2"])
+def test_save_attention_gives_the_same_loss_and_grads(adapter: WanAdapter, lora_transformer, cfg) -> None:
+    # SVG2: fresh routers start cold from the same seeding and the recomputation replays the routing
+    ref_loss, ref_grads = _step(adapter, lora_transformer, cfg, None)
+    for policy in ("full", "save_attention"):
+        loss, grads = _step(adapter, lora_transformer, cfg, policy)
+        assert torch.equal(loss, ref_loss), policy
+        assert grads.keys() == ref_grads.keys()
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], atol=1e-6, rtol=1e-5, msg=f"{policy}: {n}")
+
+
+def test_save_attention_runs_each_dense_attention_once(adapter: WanAdapter, lora_transformer) -> None:
+    # Dense routing: self-attention (router) and cross-attention (stock) both run the fused CPU SDPA op.
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert sdpa in step_speed.attention_save_ops()
+    layers = len(lora_transformer.blocks)
+    counts = {}
+    for policy in (None, "full", "save_attention"):
+        counter = _OpCounter((sdpa,))
+        _step(adapter, lora_transformer, DENSE, policy, counter)
+        counts[policy] = counter.counts[sdpa]
+    assert counts == {None: 2 * layers, "full": 4 * layers, "save_attention": 2 * layers}
+
+
+def test_save_attention_runs_each_sparse_attention_once(adapter: WanAdapter, lora_transformer) -> None:
+    ops = pytest.importorskip("sparse_attn.ops", reason="sparse_attn has no custom ops yet (issue 11)")
+    save = tuple(ops.CHECKPOINT_SAVE_OPS)
+    assert save and set(save) <= set(step_speed.attention_save_ops())
+    layers = len(lora_transformer.blocks)
+    counts = {}
+    for policy in ("full", "save_attention"):
+        counter = _OpCounter(save)
+        _step(adapter, lora_transformer, RADIAL, policy, counter)
+        counts[policy] = sum(counter.counts.values())
+    assert counts["full"] == 2 * counts["save_attention"] and counts["save_attention"] >= layers
+
+
+def test_saved_attention_bytes() -> None:
+    # Wan2.1-1.3B at 321 frames, 480x832: 126,360 tokens, 12 heads x 128, 30 layers, bf16 out + fp32 LSE
+    got = step_speed.saved_attention_bytes(126_360, 12, 128, 30)
+    assert got == 30 * 126_360 * 12 * (128 * 2 + 4)
+    assert 11.0 < got / 2**30 < 11.1
+
+
+def test_policy_key_and_compile_switch() -> None:
+    base = ["model.pretrained=some/model", "data.path=videos"]
+    cfg = load_config(None, base)
+    assert (cfg.train.checkpoint_policy, cfg.train.compile) == ("save_attention", None)
+    assert load_config(None, [*base, "train.compile=true", "train.checkpoint_policy=full"]).train.compile is True
+    with pytest.raises(ConfigError, match=r"train.checkpoint_policy: expected one of full, save_attention; got 'al"):
+        load_config(None, [*base, "train.checkpoint_policy=all"])
+    assert not step_speed.compile_enabled(None, torch.device("cpu"))
+    assert step_speed.compile_enabled(None, torch.device("cuda"))
+    assert not step_speed.compile_enabled(None, torch.device("cuda"), zero_stage=3)
+    assert step_speed.compile_enabled(True, torch.device("cpu")) and not step_speed.compile_enabled(False, "cuda")
+    with pytest.raises(ValueError, match="checkpoint_policy"):
+        step_speed.checkpoint_function("some")
+
+
+def test_compiled_blocks_break_only_at_the_router_and_compile_once(adapter: WanAdapter) -> None:
+    """Regional compilation (aot_eager) of tiny Wans of 2 and 4 blocks under save_attention: the graph count does
+    not grow with the blocks (the layer index is no guard), the only graph break is the router call, and loss and
+    gradients equal the eager ones."""
+    import torch._dynamo
+    from models_helpers import add_lora
+    from torch._dynamo.utils import counters
+
+    base = adapter.load_transformer()
+    graphs = {}
+    for layers in (2, 4):
+        torch._dynamo.reset()
+        counters.clear()
+        tr = add_lora(type(base).from_config({**base.config, "num_layers": layers}), adapter.default_lora_targets)
+        loss_e, grads_e = _step(adapter, tr, RADIAL, "save_attention")
+        assert step_speed.compile_repeated_blocks(tr, backend="aot_eager") == layers
+        loss_c, grads_c = _step(adapter, tr, RADIAL, "save_attention")
+        graphs[layers] = counters["stats"]["unique_graphs"]
+        breaks = list(counters["graph_break"])
+        assert breaks and all("RouterAttnProcessor.attend" in r for r in breaks), breaks
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-6, rtol=1e-5)
+        for n, g in grads_e.items():
+            torch.testing.assert_close(grads_c[n], g, atol=1e-5, rtol=1e-4)
+    assert 0 < graphs[4] == graphs[2], graphs
+    torch._dynamo.reset()
