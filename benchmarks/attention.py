@@ -7,14 +7,24 @@ each optional:
 * ``--check``  correctness in bf16/fp16/fp32 at realistic sizes against an fp32 oracle (our torch path)
   and, on a slice of query rows, against ``F.scaled_dot_product_attention`` with the mask expanded;
 * ``--sweep``  tile/warp/stage/TMA/schedule variants of each kernel, timed separately (tuning);
-* ``--table``  the benchmark table of issue 3: forward and forward+backward, bf16, B=1, D=128 on the
-  radial masks of Wan2.1 (21/41/81 x 1560 tokens, H=12) and HunyuanVideo (33/65 x 3600, H=24).
+* ``--table``  the benchmark table: forward and forward+backward, bf16, B=1, D=128 on the radial masks of
+  Wan2.1 (21/41/81 x 1560 tokens, H=12) and HunyuanVideo (33/65 x 3600, H=24); columns (``--impls``): dense
+  cuDNN SDPA, dense FlashAttention-4, FlexAttention, ours with ``backend="triton"``, ours with ``backend="auto"``
+  (FA4 through ``sparse_attn`` where installed) and FA4 block-sparse called directly (the call sequence of
+  ../shared/notes/kernels.md section 7: what ``auto`` should match);
+* ``--svg2``   SVG2 layouts (Wan 41/81, top_p 0.9, structured inputs): the attention on the permuted sequence with
+  our Triton range kernel vs the 128-block form on FA4, and the routing time (warm k-means, selection, blocks).
+
+q, k, v are stored ``[B, N, H, D]`` (as diffusers' processors hold them) and passed as ``[B, H, N, D]`` views.
+``--quick`` times forward+backward only, with fewer repetitions (the ~5-minute run of every column).
 
 Effective TFLOP/s = density * 4 * B * H * N^2 * D / time (x3.5 for forward+backward); dense baselines use
 density 1.  Times are medians (``triton.testing.do_bench``; ops slower than 300 ms: median of 3 event
 timed runs).  Writes ``results.jsonl`` and ``table.md`` under ``--out``.
 
 Example: ``python benchmarks/attention.py --check --table --shapes wan41,wan81 --out /tmp/bench``
+All columns in about 5 minutes of an H200:
+``python benchmarks/attention.py --table --svg2 --quick --shapes wan41,wan81,hy33,hy65 --out /tmp/bench``
 """
 
 from __future__ import annotations
@@ -53,8 +63,12 @@ def log(rec: dict) -> None:
 # ------------------------------------------------------------------------------------------------ timing
 
 
+_QUICK = False
+
+
 def bench_ms(fn, grad_to_none=None) -> float:
-    """Median milliseconds of ``fn``; slow ops get three event-timed runs instead of do_bench's many."""
+    """Median milliseconds of ``fn``; slow ops get three event-timed runs instead of do_bench's many
+    (``--quick``: the faster of two, and do_bench over at most ~0.5 s)."""
     import triton
 
     fn()
@@ -67,7 +81,7 @@ def bench_ms(fn, grad_to_none=None) -> float:
     est = start.elapsed_time(end)
     if est > 300:
         times = []
-        for _ in range(3):
+        for _ in range(2 if _QUICK else 3):
             if grad_to_none:
                 for t in grad_to_none:
                     t.grad = None
@@ -76,8 +90,9 @@ def bench_ms(fn, grad_to_none=None) -> float:
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        return sorted(times)[1]
-    return triton.testing.do_bench(fn, warmup=25, rep=max(100, int(8 * est)), grad_to_none=grad_to_none, return_mode="median")
+        return min(times) if _QUICK else sorted(times)[1]
+    rep = min(500, max(100, int(4 * est))) if _QUICK else max(100, int(8 * est))
+    return triton.testing.do_bench(fn, warmup=10 if _QUICK else 25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
 def peak_gb(fn) -> float:
@@ -322,65 +337,115 @@ def run_sweep(shape_names, device) -> None:
 # ------------------------------------------------------------------------------------------------ table
 
 
-def run_table(shape_names, device, baselines) -> list[dict]:
+def _fa4_direct():
+    """FA4's public autograd entry points, or None when flash-attn-4 is not importable."""
+    try:
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    except Exception as exc:  # noqa: BLE001
+        log(dict(part="env", fa4=f"not importable: {type(exc).__name__}: {str(exc)[:200]}"))
+        return None
+    return flash_attn_func, BlockSparseTensorsTorch
+
+
+def fa4_lists(mask: torch.Tensor, bst_cls):
+    """(forward, backward) FA4 block tensors with every kept block 'full' and an empty partial list (notes section 7)."""
+    def lists(m):
+        cnt = m.sum(-1, dtype=torch.int32)
+        idx = torch.sort(torch.where(m, torch.arange(m.shape[-1], device=m.device), m.shape[-1]), -1).values
+        idx = torch.where(idx == m.shape[-1], 0, idx).to(torch.int32)
+        return cnt[None, None].contiguous(), idx[None, None].contiguous()
+
+    fc, fi = lists(mask)
+    bc, bi = lists(mask.T)
+    zc, zi = torch.zeros_like(fc), torch.zeros_like(fi[..., :1])
+    zbc, zbi = torch.zeros_like(bc), torch.zeros_like(bi[..., :1])
+    return (bst_cls(zc, zi, fc, fi, block_size=(BLOCK, BLOCK)), bst_cls(zbc, zbi, bc, bi, block_size=(BLOCK, BLOCK)))
+
+
+def _timed_row(rec: dict, fn, dens: float, dense_flops: float, do, leaves) -> None:
+    """Fill ``rec`` with fwd (unless --quick) and fwd+bwd times, throughput and peak memory."""
+    if not _QUICK:
+        with torch.no_grad():
+            rec["fwd_ms"] = round(bench_ms(fn), 3)
+        rec["fwd_tflops"] = round(dens * dense_flops / rec["fwd_ms"] / 1e9, 1)
+
+    def step():
+        fn().backward(do)
+
+    rec["fwdbwd_ms"] = round(bench_ms(step, grad_to_none=list(leaves)), 3)
+    for t in leaves:
+        t.grad = None
+    if not _QUICK:
+        rec["peak_fwdbwd_gb"] = round(peak_gb(step), 3)
+        for t in leaves:
+            t.grad = None
+    rec["fwdbwd_tflops"] = round(3.5 * dens * dense_flops / rec["fwdbwd_ms"] / 1e9, 1)
+
+
+def run_table(shape_names, device, impl_names) -> list[dict]:
     from sparse_attn.block_sparse import block_sparse_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     rows = []
     flex = None
-    if "flex" in baselines:
+    if "flex" in impl_names:
         from torch.nn.attention.flex_attention import flex_attention
 
         torch._dynamo.config.cache_size_limit = 64
         flex = torch.compile(flex_attention, dynamic=False)
+    fa4 = _fa4_direct() if {"fa4-dense", "fa4-sparse"} & impl_names else None
     for sname in shape_names:
         shape = SHAPES[sname]
         mask, n, mask_ms = radial_mask(shape, device)
         density = mask.float().mean().item()
         h = shape["heads"]
         idx_ms = index_build_ms(mask)
-        q, k, v = make_qkv(1, h, n, HEAD_DIM, torch.bfloat16, device)
+        q, k, v = make_qkv(1, h, n, HEAD_DIM, torch.bfloat16, device, layout="bnhd")
         do = torch.randn_like(q)
         dense_flops = 4 * h * n * n * HEAD_DIM
-        impls = {"ours": (lambda: block_sparse_attention(q, k, v, mask, block_size=BLOCK), density)}
-        if "cudnn" in baselines:
+        impls = {}
+        if "cudnn" in impl_names:
             def cudnn():
                 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                     return F.scaled_dot_product_attention(q, k, v)
             impls["sdpa-cudnn"] = (cudnn, 1.0)
-        if "flash" in baselines:
+        if "flash" in impl_names:
             def flash():
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                     return F.scaled_dot_product_attention(q, k, v)
             impls["sdpa-flash"] = (flash, 1.0)
+        if fa4 is not None and "fa4-dense" in impl_names:
+            impls["fa4-dense"] = (lambda: fa4[0](*(x.transpose(1, 2) for x in (q, k, v)))[0].transpose(1, 2), 1.0)
         if flex is not None:
             bm = flex_block_mask(mask, n)
             impls["flex"] = (lambda: flex(q, k, v, block_mask=bm), density)
+        if "triton" in impl_names:
+            impls["ours-triton"] = (lambda: block_sparse_attention(q, k, v, mask, block_size=BLOCK, backend="triton"), density)
+        if "auto" in impl_names:
+            impls["ours-auto"] = (lambda: block_sparse_attention(q, k, v, mask, block_size=BLOCK), density)
+        if fa4 is not None and "fa4-sparse" in impl_names:
+            fwd_t, bwd_t = fa4_lists(mask, fa4[1])
+            impls["fa4-sparse"] = (lambda: fa4[0](*(x.transpose(1, 2) for x in (q, k, v)), softmax_scale=HEAD_DIM ** -0.5,
+                                                  block_sparse_tensors=fwd_t, block_sparse_tensors_bwd=bwd_t)[0].transpose(1, 2),
+                                   density)
         ref_out = None
         for name, (fn, dens) in impls.items():
             rec = dict(part="table", shape=sname, impl=name, n=n, heads=h, density=round(density, 4))
             try:
                 with torch.no_grad():
+                    t0 = time.perf_counter()
                     out = fn()
-                if name == "ours":
+                    torch.cuda.synchronize()
+                    rec["first_call_s"] = round(time.perf_counter() - t0, 2)  # compile / JIT included
+                if name == "ours-triton":
                     ref_out = out
                     rec["mask_build_ms"] = round(mask_ms, 2)
                     rec["index_build_ms"] = round(idx_ms, 2)
-                elif name == "flex" and ref_out is not None:
-                    rec["rel_vs_ours"] = round(rel(out, ref_out), 5)
+                elif dens < 1.0 and ref_out is not None:
+                    rec["rel_vs_ours_triton"] = round(rel(out, ref_out), 5)
                 del out
-                with torch.no_grad():
-                    rec["fwd_ms"] = round(bench_ms(fn), 3)
-
-                def step():
-                    fn().backward(do)
-
-                rec["fwdbwd_ms"] = round(bench_ms(step, grad_to_none=[q, k, v]), 3)
-                q.grad = k.grad = v.grad = None
-                rec["peak_fwdbwd_gb"] = round(peak_gb(step), 3)
-                q.grad = k.grad = v.grad = None
-                rec["fwd_tflops"] = round(dens * dense_flops / rec["fwd_ms"] / 1e9, 1)
-                rec["fwdbwd_tflops"] = round(3.5 * dens * dense_flops / rec["fwdbwd_ms"] / 1e9, 1)
+                _timed_row(rec, fn, dens, dense_flops, do, (q, k, v))
             except Exception as exc:
                 rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             log(rec)
@@ -388,6 +453,92 @@ def run_table(shape_names, device, baselines) -> list[dict]:
         del q, k, v, do, ref_out
         torch.cuda.empty_cache()
     return rows
+
+
+SVG2_SHAPES = {"wan41": (41, 30, 52, 12), "wan81": (81, 30, 52, 12)}
+
+
+def run_svg2(shape_names, device, impl_names) -> list[dict]:
+    """SVG2 layouts: the attention of one routing on the range kernel vs as 128-blocks on FA4 (fwd+bwd), plus the
+    routing (warm-started k-means, selection, layout) of each path."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import contextlib
+
+    from svg2 import structured_qkv  # benchmarks/svg2.py: planted moving objects, so clusters are real
+
+    from sparse_attn import svg2 as svg2_mod
+    from sparse_attn.backends import fa4 as fa4_mod
+
+    rows = []
+    for sname in shape_names:
+        if sname not in SVG2_SHAPES:
+            continue
+        frames, lat_h, lat_w, h = SVG2_SHAPES[sname]
+        q, k, v = structured_qkv(frames, lat_h, lat_w, h, HEAD_DIM, objects=24, device=device, dtype=torch.bfloat16, seed=0)
+        n = q.shape[2]
+        cfg = dict(num_q_clusters=100, num_k_clusters=500, top_p=0.9, min_kc_ratio=0.1, text_tokens=0,
+                   key_padding_mask=None)
+        with torch.no_grad():  # cold routing (not timed) -> warm start for the timed ones, as in training
+            prev = svg2_mod._plan(q, k, kmeans_iters=None, state=None, tiles=None,
+                                  stage=lambda s: contextlib.nullcontext(), **cfg).state
+        paths = {}
+        if "triton" in impl_names:
+            paths["svg2-triton (range kernel)"] = svg2_mod._tile_config(q)
+        if "auto" in impl_names and fa4_mod.unsupported_reason(q, BLOCK) is None:
+            paths["svg2-fa4 (128-blocks)"] = None
+        do = torch.randn_like(q)
+        dense_flops = 4 * h * n * n * HEAD_DIM
+        for name, tiles in paths.items():
+            rec = dict(part="svg2", shape=sname, impl=name, n=n, heads=h)
+            try:
+                def route():
+                    with torch.no_grad():
+                        return svg2_mod._plan(q, k, kmeans_iters=None, state=prev, tiles=tiles,
+                                              stage=lambda s: contextlib.nullcontext(), **cfg)
+
+                plan = route()
+                rec["density"] = round(plan.state.density, 4)
+                if tiles is None:
+                    rec["full_blocks"] = int((plan.blocks.block_mask & ~plan.blocks.partial).sum())
+                    rec["partial_blocks"] = int(plan.blocks.partial.sum())
+                rec["routing_ms"] = round(bench_ms(route), 3)
+                with torch.no_grad():
+                    qp, kp, vp = (svg2_mod.permute_tokens(t, plan.q_perm if t is q else plan.k_perm,
+                                                          plan.q_inv if t is q else plan.k_inv) for t in (q, k, v))
+                qp, kp, vp = (t.detach().requires_grad_() for t in (qp, kp, vp))
+                if tiles is None:
+                    fn = lambda: svg2_mod.blocks_attention(qp, kp, vp, plan.blocks, backend="fa4")  # noqa: E731
+                else:
+                    from sparse_attn.kernels.range_attention import range_attention
+
+                    fn = lambda: range_attention(qp, kp, vp, plan.layout)  # noqa: E731
+                _timed_row(rec, fn, plan.state.density, dense_flops, do, (qp, kp, vp))
+                rec["routing_share"] = round(rec["routing_ms"] / (rec["routing_ms"] + rec["fwdbwd_ms"]), 3)
+                del qp, kp, vp, plan
+            except Exception as exc:
+                rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(rec)
+            rows.append(rec)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown_svg2(rows: list[dict], dense: dict[str, dict]) -> str:
+    lines = [
+        "| shape | N | density | path | routing ms | attention fwd+bwd ms | eff. TFLOP/s | x dense cuDNN per FLOP | routing share | full / partial blocks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['n']} | - | {r['impl']} | error: {r['error'][:80]} ||||||")
+            continue
+        d = dense.get(r["shape"], {}).get("fwdbwd_tflops")
+        ratio = f"{r['fwdbwd_tflops'] / d:.2f}" if d else "-"
+        blocks = f"{r['full_blocks']} / {r['partial_blocks']}" if "full_blocks" in r else "-"
+        lines.append(f"| {r['shape']} | {r['n']} | {r['density']:.3f} | {r['impl']} | {r['routing_ms']:.1f} | "
+                     f"{r['fwdbwd_ms']:.1f} | {r['fwdbwd_tflops']:.0f} | {ratio} | {r['routing_share']:.1%} | {blocks} |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -407,9 +558,11 @@ def markdown(rows: list[dict]) -> str:
                 continue
             sd = f"{dense['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}" if "fwdbwd_ms" in dense else "-"
             sf = f"{flex['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}" if "fwdbwd_ms" in flex else "-"
+            fwd = f"{r['fwd_ms']:.1f} | {r['fwd_tflops']:.0f}" if "fwd_ms" in r else "- | -"
+            peak = f"{r['peak_fwdbwd_gb']:.2f}" if "peak_fwdbwd_gb" in r else "-"
             lines.append(
-                f"| {sname} | {r['n']} | {r['heads']} | {r['density']:.3f} | {name} | {r['fwd_ms']:.1f} | {r['fwd_tflops']:.0f} | "
-                f"{r['fwdbwd_ms']:.1f} | {r['fwdbwd_tflops']:.0f} | {sd} | {sf} | {r['peak_fwdbwd_gb']:.2f} |"
+                f"| {sname} | {r['n']} | {r['heads']} | {r['density']:.3f} | {name} | {fwd} | "
+                f"{r['fwdbwd_ms']:.1f} | {r['fwdbwd_tflops']:.0f} | {sd} | {sf} | {peak} |"
             )
     return "\n".join(lines)
 
@@ -422,9 +575,15 @@ def main(argv=None) -> int:
     p.add_argument("--table", action="store_true", help="benchmark table")
     p.add_argument("--shapes", default="wan21,wan41,wan81,hy33,hy65", help="table shapes: " + ",".join(SHAPES))
     p.add_argument("--sweep-shapes", default="wan81")
-    p.add_argument("--baselines", default="cudnn,flash,flex")
+    p.add_argument("--svg2", action="store_true", help="SVG2 layouts: range kernel vs 128-blocks on FA4")
+    p.add_argument("--impls", default="cudnn,fa4-dense,flex,triton,auto,fa4-sparse",
+                   help="table columns: cudnn, flash, fa4-dense, flex, triton, auto, fa4-sparse")
+    p.add_argument("--baselines", default=None, help="(older spelling) dense/Flex columns; ours-auto is always added")
+    p.add_argument("--quick", action="store_true", help="fwd+bwd only, fewer repetitions")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
+    global _QUICK
+    _QUICK = args.quick
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -440,11 +599,19 @@ def main(argv=None) -> int:
         status = 1
     if args.sweep:
         run_sweep([s for s in args.sweep_shapes.split(",") if s], device)
+    impls = set(args.impls.split(",")) if args.baselines is None else set(args.baselines.split(",")) | {"auto"}
+    shapes = [s for s in args.shapes.split(",") if s]
+    md = ""
+    rows: list[dict] = []
     if args.table:
-        rows = run_table([s for s in args.shapes.split(",") if s], device, set(args.baselines.split(",")))
-        md = markdown(rows)
+        rows = run_table(shapes, device, impls)
+        md += markdown(rows) + "\n"
+    if args.svg2:
+        dense = {r["shape"]: r for r in rows if r["impl"] == "sdpa-cudnn" and "error" not in r}
+        md += "\n" + markdown_svg2(run_svg2(shapes, device, impls), dense) + "\n"
+    if md:
         with open(os.path.join(_out_dir, "table.md"), "w") as f:
-            f.write(md + "\n")
+            f.write(md)
         print(md)
     return status
 

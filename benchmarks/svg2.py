@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparse_attn.svg2 import _plan, _svg2_forward, _tile_config, permute_tokens, range_attention_torch
+from sparse_attn.svg2 import (
+    _plan, _resolve_backend, _svg2_forward, _tile_config, blocks_attention, permute_tokens, range_attention_torch,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,23 +259,30 @@ def run_config(args, frames: int, device: torch.device, dtype: torch.dtype, mods
         row.kmeans_iters = state.kmeans_iterations
         row.err = rel_err(out.detach(), dense_out)
 
-        # attention kernel alone, on the permuted tensors of this routing
+        # attention kernel alone, on the permuted tensors of this routing (the path the backend resolves to)
+        resolved = _resolve_backend(args.backend, q)
         with torch.no_grad():
-            plan = _plan(q, k, state=prev_state, tiles=_tile_config(q), stage=lambda s: contextlib.nullcontext(),
-                         **{kk: vv for kk, vv in cfg.items()})
+            plan = _plan(q, k, state=prev_state, tiles=None if resolved == "fa4" else _tile_config(q),
+                         stage=lambda s: contextlib.nullcontext(), **{kk: vv for kk, vv in cfg.items()})
             qp = permute_tokens(q, plan.q_perm, plan.q_inv).detach().requires_grad_()
             kp = permute_tokens(k, plan.k_perm, plan.k_inv).detach().requires_grad_()
             vp = permute_tokens(v, plan.k_perm, plan.k_inv).detach().requires_grad_()
-        use_triton = args.backend == "triton" or (args.backend == "auto" and device.type == "cuda")
-        if use_triton:
-            from sparse_attn.kernels.range_attention import range_attention as attn
+        if resolved == "fa4":
+            def attn(a, b, c, p):
+                return blocks_attention(a, b, c, p.blocks, backend="fa4")
+        elif resolved == "triton":
+            from sparse_attn.kernels.range_attention import range_attention
+
+            def attn(a, b, c, p):
+                return range_attention(a, b, c, p.layout)
         else:
-            attn = range_attention_torch
+            def attn(a, b, c, p):
+                return range_attention_torch(a, b, c, p.layout)
         ka = StageTimer(device)
         for it in range(args.warmup + args.iters):
             a = ka if it >= args.warmup else StageTimer(device)
             with a("fwd"):
-                op = attn(qp, kp, vp, plan.layout)
+                op = attn(qp, kp, vp, plan)
             with a("bwd"):
                 torch.autograd.grad(op, (qp, kp, vp), go)
         row.attn_fwd_ms, row.attn_bwd_ms = ka.mean("fwd"), ka.mean("bwd")
@@ -389,7 +398,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-kc-ratio", type=float, default=0.1)
     p.add_argument("--objects", type=int, default=64, help="planted objects per head in the inputs")
     p.add_argument("--block-size", type=int, default=128, help="block size of the radial mask")
-    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument("--backend", choices=["auto", "fa4", "triton", "torch"], default="auto")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

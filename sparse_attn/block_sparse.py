@@ -2,11 +2,16 @@
 
 ``block_sparse_attention(q, k, v, block_mask)`` computes softmax attention in which query block ``i`` sees
 only the key blocks ``j`` with ``block_mask[..., i, j]`` True (blocks of ``block_size`` tokens; the last
-block may be partial and is exact).  Two backends compute the same function:
+block may be partial and is exact).  Three backends compute the same function:
+
+* ``"fa4"`` - FlashAttention-4's block-sparse kernels (optional ``flash-attn-4``, ``sparse_attn/backends/fa4.py``):
+  Hopper/Blackwell, fp16/bf16, D in {64, 128}, 128-token blocks; the fastest where it runs;
 
 * ``"triton"`` - fused Triton kernels (``sparse_attn/kernels/block_sparse.py``) for the forward and the
-  backward, wrapped in a ``torch.autograd.Function``; CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests);
-* ``"torch"`` - pure PyTorch (``sparse_attn/reference.py``), any device, differentiable by autograd.
+  backward; CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests);
+* ``"torch"`` - pure PyTorch (``sparse_attn/reference.py``), any device, explicit forward/backward.
+
+Both run inside the custom ops of ``sparse_attn/ops.py`` (autograd, ``torch.compile``, selective checkpointing).
 
 ``key_padding_mask`` (bool ``[B, N]``, True = valid key) removes keys from every softmax - the padded text
 tokens of joint text+video attention.  A query row with no valid key returns zeros and zero gradients.
@@ -19,12 +24,12 @@ import os
 
 import torch
 
-from .indices import block_index
-from .reference import block_sparse_attention_reference
+from . import ops
+from .backends import fa4
 
 __all__ = ["block_sparse_attention"]
 
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "fa4", "triton", "torch")
 _TRITON_HEAD_DIMS = (64, 128)
 _TRITON_BLOCK_SIZES = (64, 128)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -96,81 +101,41 @@ def _validate(q, k, v, block_mask, block_size, scale, backend, key_padding_mask)
     return nb, float(scale)
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
+def _triton_reason(q: torch.Tensor, block_size: int) -> tuple[type, str] | None:
+    """Why our Triton kernels cannot run this call, or None."""
+    head_dim = q.shape[-1]
+    if head_dim not in _TRITON_HEAD_DIMS:
+        return ValueError, f"supports head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}; use backend='torch'"
+    if block_size not in _TRITON_BLOCK_SIZES:
+        return ValueError, f"supports block_size in {_TRITON_BLOCK_SIZES}, got {block_size}; use backend='torch'"
+    if q.dtype not in _TRITON_DTYPES:
+        return TypeError, f"supports q/k/v dtypes float16, bfloat16, float32; got {q.dtype}"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return ValueError, "needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='torch'"
+    if not q.is_cuda and q.dtype == torch.bfloat16:  # the interpreter computes bf16 as raw integers
+        return TypeError, "on CPU (TRITON_INTERPRET=1) gives wrong bf16 results; use float16/float32 or backend='torch'"
+    return None
+
+
+def _resolve_backend(backend: str, q: torch.Tensor, block_size: int, deterministic: bool) -> str:
+    """The backend that runs this call (``q`` as ``[B, H, N, D]``).
+
+    ``auto``: torch on CPU; on CUDA FlashAttention-4 when installed and it supports the GPU / dtype / head dim /
+    block size and bit-reproducible gradients are not asked for (its dQ uses atomics), else our Triton kernels
+    when they cover the shape, else torch.  An explicit backend that cannot run raises one error saying why.
+    """
     if backend == "auto":
-        # Triton on CUDA whenever the kernels cover the shape; the torch path computes the same function
-        triton_ok = q.shape[-1] in _TRITON_HEAD_DIMS and block_size in _TRITON_BLOCK_SIZES and q.dtype in _TRITON_DTYPES
-        return "triton" if q.is_cuda and triton_ok else "torch"
-    if backend == "triton":
-        head_dim = q.shape[-1]
-        if head_dim not in _TRITON_HEAD_DIMS:
-            raise ValueError(f"backend='triton' supports head dim D in {_TRITON_HEAD_DIMS}, got D={head_dim}; use backend='torch'")
-        if block_size not in _TRITON_BLOCK_SIZES:
-            raise ValueError(f"backend='triton' supports block_size in {_TRITON_BLOCK_SIZES}, got {block_size}; use backend='torch'")
-        if q.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"backend='triton' supports q/k/v dtypes float16, bfloat16, float32; got {q.dtype}")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='torch'")
-        if not q.is_cuda and q.dtype == torch.bfloat16:  # the interpreter computes bf16 as raw integers
-            raise TypeError("backend='triton' on CPU (TRITON_INTERPRET=1) gives wrong bf16 results; use float16/float32 "
-                            "or backend='torch'")
+        if not q.is_cuda:
+            return "torch"
+        if not deterministic and fa4.unsupported_reason(q, block_size) is None:
+            return "fa4"
+        return "triton" if _triton_reason(q, block_size) is None else "torch"
+    if backend in ("fa4", "triton"):
+        reason = fa4.unsupported_reason(q, block_size) if backend == "fa4" else _triton_reason(q, block_size)
+        if reason is not None:
+            exc, why = reason
+            raise exc(f"backend='{backend}' {why}" if backend == "triton" else f"backend='fa4': {why}")
     return backend
-
-
-def _as_4d(block_mask: torch.Tensor) -> torch.Tensor:
-    if block_mask.dim() == 2:
-        return block_mask[None, None]
-    if block_mask.dim() == 3:
-        return block_mask[None]
-    return block_mask
-
-
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    """The kernels index the head dim with stride 1; any other layout is kept as is."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, index, block_size, scale, key_padding_mask, schedule_mode):
-        from .kernels.block_sparse import block_sparse_forward
-
-        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-        bsz, heads = q.shape[:2]
-        sched_rows = index.schedule(bsz, heads, transposed=False, mode=schedule_mode)
-        out, lse = block_sparse_forward(
-            q, k, v, index, sched_rows, block_size=block_size, scale=scale, key_padding_mask=key_padding_mask
-        )
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.index = index
-        ctx.block_size = block_size
-        ctx.scale = scale
-        ctx.key_padding_mask = key_padding_mask
-        ctx.schedule_mode = schedule_mode
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        from .kernels.block_sparse import block_sparse_backward
-
-        q, k, v, out, lse = ctx.saved_tensors
-        bsz, heads = q.shape[:2]
-        index = ctx.index
-        need_dq = ctx.needs_input_grad[0]
-        need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = block_sparse_backward(
-            _unit_stride(grad_out),
-            q, k, v, out, lse, index,
-            index.schedule(bsz, heads, transposed=False, mode=ctx.schedule_mode),
-            index.schedule(bsz, heads, transposed=True, mode=ctx.schedule_mode),
-            block_size=ctx.block_size,
-            scale=ctx.scale,
-            key_padding_mask=ctx.key_padding_mask,
-            need_dq=need_dq,
-            need_dkdv=need_dkdv,
-        )
-        return dq, dk, dv, None, None, None, None, None
 
 
 def block_sparse_attention(
@@ -183,6 +148,8 @@ def block_sparse_attention(
     scale: float | None = None,
     backend: str = "auto",
     key_padding_mask: torch.Tensor | None = None,
+    layout: str = "bhnd",
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse softmax attention, differentiable w.r.t. ``q``, ``k``, ``v``.
 
@@ -193,18 +160,31 @@ def block_sparse_attention(
             index form is cached on the tensor (identity + version), so pass the same tensor every layer.
         block_size: tokens per block.  Triton: 64 or 128; torch: any value >= 16.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA when D in {64, 128}, block_size in
-            {64, 128} and the dtype is fp16/bf16/fp32; torch otherwise).
+        backend: ``"fa4"``, ``"triton"``, ``"torch"`` or ``"auto"``: on CUDA FA4 where it runs (installed,
+            sm90/sm100, fp16/bf16, D in {64, 128}, block_size 128) unless ``deterministic``, else Triton (D in
+            {64, 128}, block_size in {64, 128}, fp16/bf16/fp32), else torch; torch on CPU.
         key_padding_mask: optional bool ``[B, N]``, True = valid key; invalid keys never enter a softmax.
+        layout: ``"bhnd"`` (q/k/v/out are ``[B, H, N, D]``) or ``"bnhd"`` (``[B, N, H, D]``, as diffusers'
+            processors hold them before their transpose): no copy either way.
+        deterministic: bit-reproducible gradients (``None`` = ``torch.are_deterministic_algorithms_enabled()``):
+            ``auto`` then never picks FA4 (its SM90 dQ accumulates with atomics; Triton's dQ pass does not);
+            an explicit ``backend="fa4"`` runs FA4's slower semaphore-ordered deterministic backward.
+
+    Runs as the custom op ``sparse_attn::block_sparse_fwd`` (see :mod:`sparse_attn.ops`): ``torch.compile``
+    does not break its graph here, and ``ops.CHECKPOINT_SAVE_OPS`` names it for selective checkpointing.
 
     Returns:
-        ``[B, H, N, D]`` in ``q``'s dtype.  Query rows without any valid key are 0 (with zero gradients).
+        ``[B, H, N, D]`` (``[B, N, H, D]`` for ``layout="bnhd"``), contiguous, in ``q``'s dtype.  Query rows
+        without any valid key are 0 (with zero gradients).
     """
-    _, scale = _validate(q, k, v, block_mask, block_size, scale, backend, key_padding_mask)
-    backend = _resolve_backend(backend, q, block_size)
-    if backend == "torch":
-        return block_sparse_attention_reference(
-            q, k, v, _as_4d(block_mask), block_size=block_size, scale=scale, key_padding_mask=key_padding_mask
-        )
-    index = block_index(block_mask)
-    return _BlockSparseAttention.apply(q, k, v, index, block_size, scale, key_padding_mask, "lpt")
+    if layout not in ops.LAYOUTS:
+        raise ValueError(f"layout must be one of {ops.LAYOUTS}, got {layout!r}")
+    q4, k4, v4 = (ops._bhnd(x, layout) if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in (q, k, v))
+    _, scale = _validate(q4, k4, v4, block_mask, block_size, scale, backend, key_padding_mask)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    backend = _resolve_backend(backend, q4, block_size, bool(deterministic))
+    out, _ = ops.block_sparse_fwd(
+        q, k, v, block_mask, key_padding_mask, None, None, None, None, block_size, scale, backend, layout, bool(deterministic)
+    )
+    return out

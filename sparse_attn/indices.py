@@ -49,6 +49,8 @@ class BlockIndex:
     q_count: torch.Tensor  # int32 [G, Nb]
     build_seconds: float = 0.0
     _schedules: dict = field(default_factory=dict, repr=False)
+    #: Backend-specific derived data cached with the mask (e.g. FA4's block lists, ``sparse_attn/backends/fa4.py``).
+    extras: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_groups(self) -> int:

@@ -40,14 +40,19 @@ from typing import Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
+from . import ops
+from .backends import fa4
 from .kernels.range_attention import SUPPORTED_HEAD_DIMS, RangeLayout, build_range_layout, range_attention
 from .kmeans import KMeansResult, batched_kmeans
+from .svg2_blocks import GroupBlocks, group_blocks
 
 __all__ = ["SVG2State", "SVG2Attention", "svg2_attention"]
 
 _COLD_ITERS = 50
 _WARM_ITERS = 2
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "fa4", "triton", "torch")
+#: Block size of the block-sparse ("fa4") path: FA4's sparse blocks are 128 x 128.
+_BLOCK = 128
 
 
 @dataclass
@@ -82,9 +87,10 @@ class _Plan:
     q_inv: Tensor  # int64 [B, H, N], original position -> permuted position
     k_perm: Tensor
     k_inv: Tensor
-    layout: RangeLayout
+    layout: RangeLayout | None  # range-kernel path ("triton", "torch")
     state: SVG2State
     extras: dict = field(default_factory=dict)
+    blocks: GroupBlocks | None = None  # block-sparse path ("fa4")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,10 +147,19 @@ def _validate_inputs(q, k, v, text_tokens, key_padding_mask, state) -> None:
 
 
 def _resolve_backend(backend: str, q: Tensor) -> str:
+    """``auto``: FA4 block-sparse (selected cluster pairs as 128-blocks) where it runs and bit-reproducible
+    gradients are not asked for (``torch.are_deterministic_algorithms_enabled()``), else the Triton range kernel on
+    CUDA, else torch."""
     d = q.shape[-1]
     triton_ok = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d in SUPPORTED_HEAD_DIMS
     if backend == "auto":
+        if q.is_cuda and not torch.are_deterministic_algorithms_enabled() and fa4.unsupported_reason(q, _BLOCK) is None:
+            return "fa4"
         return "triton" if q.is_cuda and triton_ok else "torch"
+    if backend == "fa4":
+        reason = fa4.unsupported_reason(q, _BLOCK)
+        if reason is not None:
+            raise reason[0](f"backend: 'fa4': {reason[1]}")
     if backend == "triton":
         if not triton_ok:
             raise ValueError(
@@ -256,9 +271,10 @@ def _plan(
     state: SVG2State | None,
     text_tokens: int,
     key_padding_mask: Tensor | None,
-    tiles: dict,
+    tiles: dict | None,
     stage: Callable[[str], ContextManager],
 ) -> _Plan:
+    """Routing of one call; ``tiles=None`` builds the block-sparse form instead of the range layout."""
     b, h, n, d = q.shape
     nv = n - text_tokens
     cq, ck = min(num_q_clusters, nv), min(num_k_clusters, nv)
@@ -275,8 +291,15 @@ def _plan(
         else:
             text_valid = torch.full((b,), text_tokens, dtype=torch.long, device=q.device)
         ext, row_sizes, col_sizes = _group_map(sel, rq.sizes, rk.sizes, b, h, text_tokens, text_valid)
-        layout = build_range_layout(ext, row_sizes, col_sizes, **tiles)
-    dens = (layout.num_pairs.double() / float(n) ** 2).float().view(b, h)
+        if tiles is None:  # block-sparse path
+            layout = None
+            blocks = group_blocks(ext, row_sizes, col_sizes, n, _BLOCK)
+            pairs = (ext.double() * row_sizes[:, :, None].double() * col_sizes[:, None, :].double()).sum((1, 2))
+        else:
+            blocks = None
+            layout = build_range_layout(ext, row_sizes, col_sizes, **tiles)
+            pairs = layout.num_pairs.double()
+    dens = (pairs / float(n) ** 2).float().view(b, h)
     prev_calls = state.calls if state is not None else 0
     new_state = SVG2State(
         q_centroids=rq.centroids.view(b, h, cq, d),
@@ -292,7 +315,7 @@ def _plan(
         calls=prev_calls + 1,
     )
     extras = {"selection": sel, "q_labels": rq.labels, "k_labels": rk.labels}
-    return _Plan(q_perm, q_inv, k_perm, k_inv, layout, new_state, extras)
+    return _Plan(q_perm, q_inv, k_perm, k_inv, layout, new_state, extras, blocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,6 +393,23 @@ def range_attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: RangeLayout, 
     return torch.stack(per_bh, 0).view(b, h, n, d).to(q.dtype)
 
 
+def blocks_attention(
+    q: Tensor, k: Tensor, v: Tensor, blocks: GroupBlocks, *, backend: str, scale: float | None = None
+) -> Tensor:
+    """Attention of permuted ``q, k, v [B, H, N, D]`` over the block form of a routing (``"fa4"`` or ``"torch"``),
+    through the block-sparse custom op (so selective checkpointing and ``torch.compile`` see it)."""
+    b, h, n, d = q.shape
+    nb = blocks.block_mask.shape[-1]
+    rq, rk = blocks.pairs.shape[-2:]
+    out, _ = ops.block_sparse_fwd(
+        q, k, v, blocks.block_mask.view(b, h, nb, nb), None, blocks.partial.view(b, h, nb, nb),
+        blocks.q_groups.view(b, h, -1), blocks.k_groups.view(b, h, -1), blocks.pairs.view(b, h, rq, rk),
+        _BLOCK, float(scale if scale is not None else 1.0 / math.sqrt(d)), backend, "bhnd",
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
@@ -401,14 +441,16 @@ def _svg2_forward(
             q, k,
             num_q_clusters=num_q_clusters, num_k_clusters=num_k_clusters, top_p=top_p,
             min_kc_ratio=min_kc_ratio, kmeans_iters=kmeans_iters, state=state, text_tokens=text_tokens,
-            key_padding_mask=key_padding_mask, tiles=_tile_config(q), stage=stage,
+            key_padding_mask=key_padding_mask, tiles=None if backend == "fa4" else _tile_config(q), stage=stage,
         )
     with stage("permute"):
         qp = permute_tokens(q, plan.q_perm, plan.q_inv)
         kp = permute_tokens(k, plan.k_perm, plan.k_inv)
         vp = permute_tokens(v, plan.k_perm, plan.k_inv)
     with stage("attention"):
-        if backend == "triton":
+        if backend == "fa4":
+            op = blocks_attention(qp, kp, vp, plan.blocks, backend="fa4")
+        elif backend == "triton":
             op = range_attention(qp, kp, vp, plan.layout)
         else:
             op = range_attention_torch(qp, kp, vp, plan.layout)
@@ -442,9 +484,12 @@ def svg2_attention(
     shape (otherwise the state is ignored and clustering starts cold).  Pass the
     returned state to the next call of the same layer.
 
-    backend: "triton" (CUDA, fp16/bf16/fp32, D in 16..128 power of two; on CPU only
-    under TRITON_INTERPRET=1), "torch" (exact pure-torch path), or "auto" (Triton on
-    CUDA when supported, else torch).
+    backend: "fa4" (FlashAttention-4 block-sparse: the selected cluster pairs as 128x128
+    blocks, partial blocks masked per token by cluster id; sm90/sm100, fp16/bf16, D in
+    {64, 128}; needs ``flash-attn-4``), "triton" (range kernel; CUDA, fp16/bf16/fp32, D in
+    16..128 power of two; on CPU only under TRITON_INTERPRET=1), "torch" (exact pure-torch
+    path), or "auto" (FA4 where it runs unless deterministic algorithms are enabled, else
+    Triton on CUDA when supported, else torch).
     """
     return _svg2_forward(
         q, k, v,

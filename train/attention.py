@@ -33,7 +33,7 @@ __all__ = ["AttentionRouter", "RADIAL_MODELS"]
 #: Radial rule variants of sparse_attn.radial_block_mask (``model=``).
 RADIAL_MODELS = ("wan", "hunyuan", "mochi")
 _TYPES = ("dense", "radial", "svg2")
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "fa4", "triton", "torch")
 
 
 @dataclass

@@ -24,7 +24,7 @@ class ModelConfig:
 @dataclass
 class AttentionConfig:
     type: Literal["dense", "radial", "svg2"] = "radial"
-    backend: Literal["auto", "triton", "torch"] = "auto"
+    backend: Literal["auto", "fa4", "triton", "torch"] = "auto"
     block_size: int = 128
     dense_layers: int = 0  # the first N transformer blocks keep dense attention
     # radial

@@ -521,13 +521,19 @@ def block_sparse_forward(
     scale: float,
     key_padding_mask: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass: returns ``(out [B,H,N,D] in q's dtype, lse fp32 [B*H, Nb*block_size], log2 domain)``."""
+    """Forward pass: returns ``(out [B,H,N,D] in q's dtype, lse fp32 [B*H, Nb*block_size], log2 domain)``.
+
+    ``out``, when given, is written in place (any strides with a unit last stride: e.g. a transposed view of a
+    ``[B, N, H, D]`` buffer).
+    """
     bsz, heads, n_ctx, head_dim = q.shape
     nb = index.num_blocks
     cfg = config or default_configs(head_dim, q.dtype, block_size)["fwd"]
     _check_config(cfg, block_size, "forward")
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz * heads, nb * block_size), dtype=torch.float32, device=q.device)
     kpm, stride_kpm = _kpm_arg(key_padding_mask, sched)
     group_b, group_h = _group_args(index)
@@ -567,8 +573,12 @@ def block_sparse_backward(
     need_dkdv: bool = True,
     dkdv_config: KernelConfig | None = None,
     dq_config: KernelConfig | None = None,
+    grads_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Backward pass: ``(dq, dk, dv)`` (``None`` where not requested), no N x N buffer anywhere."""
+    """Backward pass: ``(dq, dk, dv)`` (``None`` where not requested), no N x N buffer anywhere.
+
+    ``grads_out``, when given, are the ``(dq, dk, dv)`` buffers to write (unit last stride).
+    """
     bsz, heads, n_ctx, head_dim = q.shape
     nb = index.num_blocks
     n_pad = nb * block_size
@@ -593,8 +603,11 @@ def block_sparse_backward(
     if need_dkdv:
         cfg = dkdv_config or defaults["dkdv"]
         _check_config(cfg, block_size, "dK/dV")
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        if grads_out is not None:
+            dk, dv = grads_out[1], grads_out[2]
+        else:
+            dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+            dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         grid = (sched_cols.numel() * (block_size // cfg.block_n),)
         use_tma = cfg.tma and _tma_ok(q, do)
         _attn_bwd_dkdv[grid](
@@ -615,7 +628,7 @@ def block_sparse_backward(
     if need_dq:
         cfg = dq_config or defaults["dq"]
         _check_config(cfg, block_size, "dQ")
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dq = grads_out[0] if grads_out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grid = (sched_rows.numel() * (block_size // cfg.block_m),)
         use_tma = cfg.tma and _tma_ok(k, v)
         _attn_bwd_dq[grid](

@@ -42,7 +42,9 @@ _LOG2E = 1.4426950408889634
 def _configs() -> list:
     """Launch configs to autotune over on a GPU; one config under the interpreter (it cannot benchmark).
 
-    Tuning reruns a kernel, which is safe: every kernel only stores (no accumulation into outputs).
+    Tuning reruns a kernel, which is safe: every kernel only stores (no accumulation into outputs).  The key has no
+    sequence length, and ``cache_results=True`` keeps the winners in Triton's on-disk cache, so the sweep runs once
+    per machine, not in every training run.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({}, num_warps=4, num_stages=1)]
@@ -55,7 +57,7 @@ _TUNE_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION"]
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, cache_results=True)
 @triton.jit
 def _range_attn_fwd(
     Q, K, V, O, LSE,
@@ -130,7 +132,7 @@ def _range_attn_bwd_delta(
 # ----------------------------------------------------------------------------------------------
 # Backward: dQ (query tiles, forward lists)
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, cache_results=True)
 @triton.jit
 def _range_attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA,
@@ -183,7 +185,7 @@ def _range_attn_bwd_dq(
 # ----------------------------------------------------------------------------------------------
 # Backward: dK, dV (key tiles, transposed lists)
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, cache_results=True)
 @triton.jit
 def _range_attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA,

@@ -106,8 +106,8 @@ def test_torch_backend_matches_dense(b, h, n, d, bs, kind, dtype):
     assert_close(ours, ref, 1e-10 if dtype == torch.float64 else 1e-5)
 
 
-def test_torch_backend_chunked_checkpointed(monkeypatch):
-    """Tiny chunk budget: many chunks, each checkpointed; same numbers as the dense reference."""
+def test_torch_backend_chunked(monkeypatch):
+    """Tiny chunk budget: many chunks (forward and explicit backward); same numbers as the dense reference."""
     monkeypatch.setattr(reference_mod, "_CHUNK_ELEMENTS", 2000)
     gen = torch.Generator().manual_seed(3)
     q, k, v, do = (torch.randn(2, 2, 75, 8, generator=gen, dtype=torch.float64) for _ in range(4))
