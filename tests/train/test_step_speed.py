@@ -146,3 +146,26 @@ def test_compiled_blocks_break_only_at_the_router_and_compile_once(adapter: WanA
             torch.testing.assert_close(grads_c[n], g, atol=1e-5, rtol=1e-4)
     assert 0 < graphs[4] == graphs[2], graphs
     torch._dynamo.reset()
+
+
+def test_train_step_benchmark_runs_the_trainer_on_cpu(tmp_path, capsys) -> None:
+    """benchmarks/train_step.py --tiny: two Trainer runs (full / save_attention) from a latent cache, one table."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--impls", "radial,sparse"])
+    assert exc.value.code == 2 and "error: --impls: unknown ['sparse']" in capsys.readouterr().err
+    out = tmp_path / "table.md"
+    bench.main(["--tiny", "--impls", "radial", "--modes", "base,policy", "--warmup", "0", "--steps", "1",
+                "--work", str(tmp_path / "work"), "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| wan-1.3b | 9 |")]
+    assert len(rows) == 2 and "| radial | full | off |" in rows[0] and "| radial | save_attention | off |" in rows[1]
+    assert not list((tmp_path / "work").glob("run-*"))  # run folders are removed, the cache stays
+    assert (tmp_path / "work" / "cache-wan-1.3b-9" / "manifest.json").is_file()
