@@ -17,6 +17,7 @@ Step modes (the step-level work on its own): ``base`` = full gradient checkpoint
     python benchmarks/train_step.py --frames 81,161,321 --impls dense,flex,radial,radial-auto,svg2 --modes base,both
     python benchmarks/train_step.py --models hunyuan-720p --impls radial --modes both   # 13B: needs ~30 GB disk
     python benchmarks/train_step.py --tiny --impls dense,radial,svg2 --modes base,policy  # CPU smoke test, tiny Wan
+    torchrun --nproc_per_node 2 benchmarks/train_step.py --sp 2 --frames 321 --impls radial --modes both  # Ulysses: one run
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -286,6 +288,8 @@ def run_one(spec: ModelSpec, overrides: list[str], impl: str, mode: str, warmup:
         shutil.rmtree(run_dir, ignore_errors=True)
         return {**row, "oom": True, "wall_s": time.perf_counter() - t0}
     row["wall_s"] = time.perf_counter() - t0
+    if not trainer.is_main:  # the main process wrote the metrics
+        return {**row, "step_s": float("nan")}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [m for m in metrics if m["step"] > warmup]
     row.update(
@@ -338,6 +342,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--quick", action="store_true", help="Wan-1.3B at 321 frames: " + ", ".join(f"{i}/{m}" for i, m in QUICK))
     p.add_argument("--budget-s", type=float, default=None, help="skip the runs that would start after this many seconds")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny random Wan, 9 frames of 32x32")
+    p.add_argument("--sp", type=int, default=1, help="Ulysses group size = processes (launch with torchrun)")
     p.add_argument("--work", default=None, help="folder for the pipeline, caches and runs (default: a temp folder)")
     p.add_argument("--out", default=None, help="append the markdown table and JSON lines here")
     args = p.parse_args(argv)
@@ -357,7 +362,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
         bad("no CUDA device: the real-size benchmark needs a GPU (use --tiny for the CPU smoke test)")
-    work = Path(args.work or tempfile.mkdtemp(prefix="train-step-"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.sp != world:
+        bad(f"--sp {args.sp} needs as many processes (torchrun --nproc_per_node {args.sp}); this run has {world}")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if world > 1:  # the Trainer's accelerator reuses this group
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    work = Path(args.work or (tempfile.mkdtemp(prefix="train-step-") if world == 1 else "/tmp/train-step-sp"))
     work.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[str, int, str, str]] = []
     if args.quick:
@@ -371,6 +386,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             plan += [(model, f, impl, mode) for f in frames for impl in args.impls.split(",") for mode in args.modes.split(",")]
     if args.tiny:
         plan = [(m, f, i, mode) for m, f, i, mode in plan if i != "flex"]  # FlexAttention needs a GPU to be a baseline
+    if world > 1 and len(plan) > 1:  # Trainer.run ends with accelerate's end_training, which destroys the group
+        bad(f"with --sp, one run per torchrun call (one frame count, impl and mode); this asks for {len(plan)}")
 
     from train.step_speed import describe_memory
 
@@ -386,10 +403,17 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(json.dumps(rows[-1]), flush=True)
             continue
         if (model, frames) not in prepared:
-            prepared[(model, frames)] = prepare(spec, model, frames, work, device, args.tiny)
+            if main_rank:
+                prepare(spec, model, frames, work, device, args.tiny)
+            if world > 1:
+                torch.distributed.barrier()
+            prepared[(model, frames)] = prepare(spec, model, frames, work, device, args.tiny)  # already there: paths
             overrides, tokens = prepared[(model, frames)]
-            print(describe_memory(tokens, spec.heads, spec.head_dim, spec.layers), f"({model}, {frames} frames)", flush=True)
+            if main_rank:
+                print(describe_memory(tokens, spec.heads, spec.head_dim, spec.layers),
+                      f"({model}, {frames} frames)", flush=True)
         overrides, tokens = prepared[(model, frames)]
+        overrides = [*overrides, f"parallel.sequence_parallel_size={args.sp}"]
         try:
             result = run_one(spec, overrides, impl, mode, args.warmup, args.steps, work, device)
         except Exception as err:  # noqa: BLE001 - one failed row must not lose the others
@@ -397,13 +421,17 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows.append({**row, "skipped": result["error"]})
             print(json.dumps(rows[-1]), flush=True)
             continue
-        rows.append({**row, **result, "tokens": tokens})
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append({**row, **result, "tokens": tokens, "gpus": world})
+        if main_rank:
+            print(json.dumps(rows[-1]), flush=True)
         if result.get("oom") and model == "hunyuan-720p":
             print(f"{model} at {frames} frames does not fit one {torch.cuda.get_device_name()} with {impl}/{mode}: "
                   "it needs sequence parallelism or ZeRO-3 over several GPUs (parallel.sequence_parallel_size)",
                   flush=True)
+    if not main_rank:
+        return
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny smoke test)"
+    gpu += f" x{world}" if world > 1 else ""
     text = (f"{gpu}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; through train.trainer.Trainer, "
             f"median of {args.steps} step(s) after {args.warmup} warm-up step(s)\n\n" + table(rows))
     print(text, flush=True)
@@ -438,7 +466,7 @@ def prepare(spec: ModelSpec, model: str, frames: int, work: Path, device: torch.
     cache = work / f"cache-{model}-{frames}"
     overrides = [f"model.pretrained={folder}", f"data.path={work / 'no-videos'}", f"data.cache_dir={cache}",
                  f"data.frames={frames}", "data.num_workers=0", "tracking.report_to=none", "validation.every_steps=0",
-                 "train.checkpoint_every=1000000", "train.log_every=1", "parallel.sequence_parallel_size=1", *size]
+                 "train.checkpoint_every=1000000", "train.log_every=1", *size]
     if tiny:
         overrides += ["lora.rank=4", "lora.alpha=4", "attention.num_q_clusters=4", "attention.num_k_clusters=8"]
     cfg = load_config(str(ROOT / spec.recipe), overrides)
