@@ -432,6 +432,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny smoke test)"
     gpu += f" x{world}" if world > 1 else ""
+    from train.step_speed import compiled_regions_run_under_sac
+
+    try:
+        from sparse_attn.backends import fa4
+
+        fa4_state = "installed" if fa4.installed() else "not installed (radial-auto = Triton)"
+    except ImportError:
+        fa4_state = "not available (radial-auto = Triton)"
+    gpu += (f"; FA4 {fa4_state}; compiled blocks run inside selective checkpointing: "
+            f"{'yes' if compiled_regions_run_under_sac() else 'NO (both = policy only)'}")
     text = (f"{gpu}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; through train.trainer.Trainer, "
             f"median of {args.steps} step(s) after {args.warmup} warm-up step(s)\n\n" + table(rows))
     print(text, flush=True)
