@@ -212,7 +212,7 @@ def use_flex(router: Any) -> None:
     compiled = torch.compile(flex_attention, dynamic=False)
     masks: dict = {}
 
-    def radial(q, k, v, text_tokens, key_padding_mask):  # noqa: ANN001 - the router's _radial signature
+    def radial(q, k, v, text_tokens, key_padding_mask, bnhd=False):  # noqa: ANN001 - the router's _radial signature
         mask, density = router._mask_and_density(text_tokens, q.device)
         n = q.shape[2]
         key = (mask.data_ptr(), n)
@@ -225,7 +225,8 @@ def use_flex(router: Any) -> None:
                                                   seq_lengths=(n, n))
         router._current.sparse_calls += 1
         router._current.densities.append(density)
-        return compiled(q, k, v, block_mask=masks[key])
+        out = compiled(q, k, v, block_mask=masks[key])  # [B, H, N, D] views in and out
+        return out.transpose(1, 2) if bnhd else out
 
     router._radial = radial
 

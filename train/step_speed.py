@@ -5,8 +5,9 @@ whole transformer block during backward, attention included - at 321 frames that
 a quarter of the step. ``checkpoint_policy: save_attention`` hands the model's own extension point
 (``ModelMixin.enable_gradient_checkpointing(gradient_checkpointing_func=...)``) a non-reentrant
 ``torch.utils.checkpoint`` whose ``context_fn`` is a selective-checkpoint policy: the outputs of the attention
-ops (the sparse op's :data:`sparse_attn.ops.CHECKPOINT_SAVE_OPS` and the fused dense SDPA ops - flash, efficient,
-cuDNN, CPU flash) are MUST_SAVE, everything else is recomputed. During the recomputation the block's Python
+ops of self-attention (the sparse op's :data:`sparse_attn.ops.CHECKPOINT_SAVE_OPS` and the fused dense SDPA ops -
+flash, efficient, cuDNN, CPU flash - when query and key have one shape) are MUST_SAVE, everything else (cross-attention
+to the text included) is recomputed. During the recomputation the block's Python
 runs again (projections, norms, RoPE, the router's bookkeeping and SVG2's routing replay) but the attention ops
 return their saved outputs, so the attention kernels run once forward and once backward. The price is the
 saved output + LSE of every checkpointed attention: ``B*N*H*D`` elements in the activation dtype plus
@@ -78,7 +79,13 @@ def attention_save_ops() -> tuple[Any, ...]:
 
 
 def _policy(save: frozenset, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+    """MUST_SAVE for the attention ops in ``save`` - self-attention only: a query and key of one shape. Cross-attention
+    to the text (Wan's ``attn2``: N queries, 512 keys) costs little to recompute while its output is as large as
+    self-attention's, so it is recomputed."""
+    if op in save and len(args) > 1 and isinstance(args[0], torch.Tensor) and isinstance(args[1], torch.Tensor):
+        if args[0].shape == args[1].shape:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def checkpoint_function(policy: str) -> Callable[..., Any]:
