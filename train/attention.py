@@ -135,13 +135,23 @@ class AttentionRouter:
         text_tokens: int = 0,
         key_padding_mask: Optional[Tensor] = None,
         dense: bool = False,
+        layout: str = "bhnd",
     ) -> Tensor:
         """Attention of ``q, k, v`` ``[B, H, N, D]`` (video tokens first, then ``text_tokens`` text tokens).
 
         ``key_padding_mask``: bool ``[B, N]``, True = valid key (padded text tokens are False).
-        Returns ``[B, H, N, D]`` in q's dtype.
+        Returns ``[B, H, N, D]`` in q's dtype. ``layout="bnhd"``: q, k, v and the result are ``[B, N, H, D]``, as the
+        processors hold them before their transpose; the radial kernels then read and write that layout directly
+        (no transpose copy of the output), the other paths work on transposed views.
         """
+        if layout not in ("bhnd", "bnhd"):
+            raise ValueError(f"layout must be 'bhnd' or 'bnhd', got {layout!r}")
         sp = self.sequence_parallel
+        if layout == "bnhd":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if sp is None:
+                return self._attend(layer_idx, q, k, v, text_tokens, key_padding_mask, dense, bnhd=True)
+            return self._sequence_parallel(sp, layer_idx, q, k, v, text_tokens, key_padding_mask, dense).transpose(1, 2)
         if sp is not None:
             return self._sequence_parallel(sp, layer_idx, q, k, v, text_tokens, key_padding_mask, dense)
         return self._attend(layer_idx, q, k, v, text_tokens, key_padding_mask, dense)
@@ -189,17 +199,30 @@ class AttentionRouter:
         return torch.cat([sp.heads_to_seq(video), sp.gather_heads(text)], dim=2)
 
     def _attend(
-        self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, text_tokens: int, key_padding_mask: Optional[Tensor], dense: bool
+        self,
+        layer_idx: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        text_tokens: int,
+        key_padding_mask: Optional[Tensor],
+        dense: bool,
+        bnhd: bool = False,
     ) -> Tensor:
+        """``[B, H, N, D]`` views in, ``[B, H, N, D]`` out; with ``bnhd`` the result is ``[B, N, H, D]`` instead
+        (the radial path writes it so, the others are transposed back as views)."""
         self._check(layer_idx, q, k, v, text_tokens, key_padding_mask)
         if dense or self.is_dense(layer_idx):
             out = self._dense(q, k, v, key_padding_mask)
             self._current.dense_calls += 1
         elif self.cfg.type == "radial":
+            if bnhd:
+                return self._radial(q, k, v, text_tokens, key_padding_mask, bnhd=True).to(q.dtype)
             out = self._radial(q, k, v, text_tokens, key_padding_mask)
         else:
             out = self._svg2_call(layer_idx, q, k, v, text_tokens, key_padding_mask)
-        return out.to(q.dtype)
+        out = out.to(q.dtype)
+        return out.transpose(1, 2) if bnhd else out
 
     # -- paths ------------------------------------------------------------------------------------------
     @staticmethod
@@ -234,12 +257,19 @@ class AttentionRouter:
             self._masks[key] = hit
         return hit
 
-    def _radial(self, q: Tensor, k: Tensor, v: Tensor, text_tokens: int, key_padding_mask: Optional[Tensor]) -> Tensor:
+    def _radial(
+        self, q: Tensor, k: Tensor, v: Tensor, text_tokens: int, key_padding_mask: Optional[Tensor], bnhd: bool = False
+    ) -> Tensor:
+        """``[B, H, N, D]`` q, k, v (views); the result ``[B, N, H, D]`` when ``bnhd`` (the kernels read the
+        transposed views as the [B, N, H, D] tensors they are and write that layout)."""
         from sparse_attn import block_sparse_attention
 
         mask, dens = self._mask_and_density(text_tokens, q.device)
+        if bnhd:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = block_sparse_attention(
-            q, k, v, mask, block_size=self.cfg.block_size, backend=self.cfg.backend, key_padding_mask=key_padding_mask
+            q, k, v, mask, block_size=self.cfg.block_size, backend=self.cfg.backend, key_padding_mask=key_padding_mask,
+            **({"layout": "bnhd"} if bnhd else {}),
         )
         self._current.sparse_calls += 1
         self._current.densities.append(dens)

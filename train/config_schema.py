@@ -70,6 +70,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     gradient_checkpointing: bool = False
+    # under gradient checkpointing: "save_attention" keeps attention outputs + LSE (no second attention forward,
+    # B*N*H*D + B*H*N per layer more memory), "full" recomputes the whole block (train/step_speed.py)
+    checkpoint_policy: Literal["full", "save_attention"] = "save_attention"
+    compile: Optional[bool] = None  # regional torch.compile of the blocks; null: on for CUDA (not ZeRO-3), off on CPU
     timestep_shift: Optional[float] = None  # None: the family's default
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"  # before the shift
     ema: EmaConfig = field(default_factory=EmaConfig)

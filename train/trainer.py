@@ -172,8 +172,9 @@ class Trainer:
                     p.data = p.data.float()
         else:
             transformer.requires_grad_(True)
-        if cfg.train.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        from train import step_speed  # gradient checkpointing (and its policy), regional compilation
+
+        self.step_speed = step_speed.configure_for_trainer(transformer, cfg.train, adapter, self.accelerator, self._print)
         params = [p for p in transformer.parameters() if p.requires_grad]
         if not params:
             raise UserError(f"no trainable parameters: lora.target_modules {cfg.lora.target_modules} matched no module")

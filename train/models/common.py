@@ -220,6 +220,13 @@ class RouterAttnProcessor:
         self.router = router
         self.layer_idx = layer_idx
 
+    @torch.compiler.disable
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``router(layer_idx, q, k, v, **kwargs)`` outside any compiled region: in a compiled block this is the
+        one graph break (the router's mask cache, step counting and SVG2 state stay eager Python, and the
+        layer index never becomes a guard, so one compiled graph serves every block; train/step_speed.py)."""
+        return self.router(self.layer_idx, q, k, v, **kwargs)
+
 
 def project_heads(
     attn: nn.Module, x: torch.Tensor, projections: tuple[nn.Module, ...], norms: tuple[Optional[nn.Module], ...]
@@ -313,6 +320,9 @@ class DiffusersAdapter(ModelAdapter):
     transformer_marker: ClassVar[str]
     #: ``model=`` of the family's AttentionRouter (its mask layout).
     router_model: ClassVar[str]
+    #: Class names of the repeated blocks regional compilation compiles when the diffusers class declares no
+    #: ``_repeated_blocks`` (train/step_speed.py).
+    repeated_blocks: ClassVar[tuple[str, ...]] = ()
     #: The family's processor, and the stock diffusers processor (``"module:Class"``) it replaces.
     router_processor: ClassVar[type[RouterAttnProcessor]]
     stock_processor: ClassVar[str]

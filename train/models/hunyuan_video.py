@@ -103,8 +103,7 @@ class HunyuanVideoRouterAttnProcessor(common.RouterAttnProcessor):
             value = torch.cat([value, enc_v], dim=1)
 
         batch, tokens = query.shape[0], query.shape[1]
-        out = self.router(
-            self.layer_idx,
+        out = self.attend(
             query.transpose(1, 2),
             key.transpose(1, 2),
             value.transpose(1, 2),

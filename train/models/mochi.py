@@ -96,8 +96,7 @@ class MochiRouterAttnProcessor(common.RouterAttnProcessor):
         batch, n_video, n_text = query.shape[0], query.shape[1], enc_q.shape[1]
         text_valid = _text_mask(attention_mask, batch, n_text, query.device)
         key_padding = torch.cat([text_valid.new_ones(batch, n_video), text_valid], dim=1)
-        out = self.router(
-            self.layer_idx,
+        out = self.attend(
             torch.cat([query, enc_q], dim=1).transpose(1, 2),
             torch.cat([key, enc_k], dim=1).transpose(1, 2),
             torch.cat([value, enc_v], dim=1).transpose(1, 2),
@@ -156,6 +155,7 @@ class MochiAdapter(common.PipelineAdapter):
     vae_class = "AutoencoderKLMochi"
     encoder_components = ("vae", "text_encoder", "tokenizer")
     transformer_marker = "pos_frequencies"
+    repeated_blocks = ("MochiTransformerBlock",)  # diffusers 0.42 declares no _repeated_blocks for Mochi
     router_model = "mochi"
     router_processor = MochiRouterAttnProcessor
     stock_processor = "diffusers.models.attention_processor:MochiAttnProcessor2_0"

@@ -103,8 +103,8 @@ class WanSparseAttnProcessor(common.RouterAttnProcessor):
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [B, N, H, D]
         if rotary_emb is not None:
             q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
-        out = self.router(self.layer_idx, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
+        out = self.attend(q, k, v, layout="bnhd")  # [B, N, H, D] in and out: no transpose copies
+        out = out.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
