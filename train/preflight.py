@@ -17,6 +17,21 @@ def _shape(adapter: Any, keys: str, frames: int, height: int, width: int) -> Non
         raise ConfigError(f"{keys} = {frames}x{height}x{width}: {err}") from None
 
 
+def check_paths(cfg: RecipeConfig) -> None:
+    """A local-looking ``model.pretrained`` / ``data.path`` that does not exist is a typo, not a Hub id: say so now
+    (the Hub client would retry for half a minute and then raise a ConnectionError)."""
+    from pathlib import Path
+
+    from data.hub_ids import looks_local
+
+    for key, value, generated in (
+        ("model.pretrained", cfg.model.pretrained, cfg.model.create_tiny_random),
+        ("data.path", cfg.data.path, cfg.data.synthetic is not None),
+    ):
+        if not generated and looks_local(value) and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}={value!r} does not exist (it names a local path; a Hub id has the form owner/name)")
+
+
 def check_recipe(cfg: RecipeConfig, adapter: Any) -> None:
     """Raise ConfigError naming the key for anything the run would trip over later."""
     from data.dataset import validate_data_config

@@ -107,7 +107,9 @@ class Trainer:
     def _create_inputs(self) -> None:
         """Generated inputs (tiny model, synthetic data) the recipe asks for, only into folders marked as generated."""
         from train.bootstrap import check_generated_inputs, create_missing_inputs
+        from train.preflight import check_paths
 
+        check_paths(self.cfg)
         check_generated_inputs(self.cfg)  # on every rank: the same error everywhere, before anything is written
         if self.is_main:
             for line in create_missing_inputs(self.cfg):
