@@ -13,6 +13,11 @@ from pathlib import Path
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+def has_hub_id_form(name: str) -> bool:
+    """``owner/name`` as the Hub spells ids (whether or not a local folder of that name exists too)."""
+    return bool(_HUB_ID.fullmatch(name)) and not name.startswith(".")
+
+
 def looks_local(name: str) -> bool:
     """True for an existing path or a name that can only be a path; False for a plausible Hub id."""
     if not name or Path(name).expanduser().exists():

@@ -96,6 +96,7 @@ def plan_resume(cfg: RecipeConfig) -> ResumePlan:
     if t.resume_from is None:
         return plan
     candidates, latest = _candidates(run_dir, t.resume_from)
+    problems = []
     for folder in candidates:
         problem = checkpointing.damage(folder)
         if problem is None:
@@ -103,11 +104,12 @@ def plan_resume(cfg: RecipeConfig) -> ResumePlan:
             break
         if not latest:
             raise ConfigError(f"train.resume_from: cannot resume from {folder}: {problem}")
+        problems.append(problem)
         plan.notes.append(f"warning: skipping damaged checkpoint {folder.name}: {problem}")
     if plan.checkpoint is None:
         if candidates:
             raise ConfigError(
-                f"train.resume_from=latest: every checkpoint in {run_dir / 'checkpoints'} is damaged ({plan.notes[0][9:]}); "
+                f"train.resume_from=latest: every checkpoint in {run_dir / 'checkpoints'} is damaged ({problems[0]}); "
                 "resume from a copy, or start over with train.overwrite_output_dir=true"
             )
         if (run_dir / "final").is_dir():

@@ -137,11 +137,11 @@ def _looks_local(name: str) -> bool:
 def check_model_not_shadowed(model: str, log: Callable[[str], None]) -> None:
     """``--model org/name`` that exists as a local folder: diffusers would read the folder, not the Hub model.
     A folder a recipe generated (a tiny random model) is refused; another one is used, with a note."""
-    from data.hub_ids import _HUB_ID
+    from data.hub_ids import has_hub_id_form
     from train.bootstrap import MARKER, read_marker
 
     folder = Path(model)
-    if model.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(model) or not folder.is_dir():
+    if not has_hub_id_form(model) or not folder.is_dir():
         return
     if read_marker(folder) is not None:
         raise UserError(
