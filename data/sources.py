@@ -178,13 +178,17 @@ def _decode_text(data: bytes, path: Path) -> str:
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not valid UTF-16 text (at byte {err.start})") from None
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise ValueError(
             f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
             "save the file as UTF-8"
         ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ValueError(f"{path}: line {line}: NUL characters (UTF-16 without a byte-order mark?); save the file as UTF-8")
+    return text
 
 
 def _check_unicode(value: Any, where: str) -> None:

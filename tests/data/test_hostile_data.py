@@ -71,6 +71,9 @@ def test_txt_caption_encodings(tmp_path: Path, videos: Path) -> None:
     (folder / "video_00001.txt").write_bytes("un caf\u00e9".encode("latin-1"))
     with pytest.raises(ValueError, match=r"video_00001\.txt: line 1: not UTF-8 text .*save the file as UTF-8"):
         load_samples(str(folder))
+    (folder / "video_00001.txt").write_bytes("no mark".encode("utf-16-le"))  # UTF-16 without its BOM
+    with pytest.raises(ValueError, match=r"video_00001\.txt: line 1: NUL characters \(UTF-16 without a byte-order mark\?\)"):
+        load_samples(str(folder))
     (folder / "video_00001.txt").write_text("fine")
     captions = {s.key: s.caption for s in load_samples(str(folder))}
     assert captions == {"video_00000.mp4": "un caf\u00e9 anim\u00e9", "video_00001.mp4": "fine"}
