@@ -23,11 +23,12 @@ from train.config_schema import RecipeConfig
 
 # Keys a resume applies; every other difference from the checkpoint's recipe is refused.
 RESUME_APPLIES = ("train.learning_rate", "train.max_steps")
-# Keys that do not change what is computed (where and how often things are saved, logged, rendered or exported).
+# Keys that do not change what is trained: where and how often things are saved, logged, rendered or exported,
+# and how the same computation is carried out (memory/kernel choices).
 RESUME_BOOKKEEPING_PREFIXES = (
     "train.resume_from", "train.overwrite_output_dir", "train.output_dir", "train.checkpoint_every",
-    "train.checkpoints_keep", "train.log_every", "train.max_bad_steps_in_a_row", "data.num_workers",
-    "validation.", "tracking.", "export.",
+    "train.checkpoints_keep", "train.log_every", "train.max_bad_steps_in_a_row", "train.gradient_checkpointing",
+    "attention.backend", "data.num_workers", "validation.", "tracking.", "export.",
 )
 RESUME_MAY_CHANGE = RESUME_APPLIES + RESUME_BOOKKEEPING_PREFIXES
 
@@ -75,8 +76,9 @@ def compare(old: RecipeConfig, new: RecipeConfig) -> dict[str, tuple[Any, Any]]:
         more = f" (and {len(refused) - 5} more)" if len(refused) > 5 else ""
         raise ConfigError(
             f"train.resume_from: the recipe differs from the one the checkpoint was trained with: {shown}{more}. "
-            f"A resume may change only {', '.join(RESUME_APPLIES)} (and bookkeeping keys: where and how often it "
-            "saves, logs, validates and exports); start a new run (another train.output_dir) to change the rest"
+            f"A resume may change only {', '.join(RESUME_APPLIES)} (and keys that do not change what is trained: where "
+            "and how often it saves, logs, validates and exports, gradient checkpointing, the attention backend); "
+            "start a new run (another train.output_dir) to change the rest"
         )
     return {k: v for k, v in diffs.items() if k in RESUME_APPLIES}
 

@@ -646,7 +646,6 @@ class Trainer:
             lines.append(f"  export:          {result.exported_to}")
         return "\n".join(lines)
 
-
     def _bad_streak_message(self) -> str:
         text = f"{self.pos.bad_in_a_row} steps in a row had a NaN/inf loss (train.max_bad_steps_in_a_row); "
         ckpt = self.pos.protected_checkpoint
