@@ -24,11 +24,12 @@ def check_paths(cfg: RecipeConfig) -> None:
 
     from data.hub_ids import looks_local
 
-    for key, value, generated in (
+    cached = bool(cfg.data.cache_dir) and (Path(cfg.data.cache_dir) / "manifest.json").is_file()
+    for key, value, not_needed in (
         ("model.pretrained", cfg.model.pretrained, cfg.model.create_tiny_random),
-        ("data.path", cfg.data.path, cfg.data.synthetic is not None),
+        ("data.path", cfg.data.path, cfg.data.synthetic is not None or cached),  # a cache is read instead
     ):
-        if not generated and looks_local(value) and not Path(value).expanduser().exists():
+        if not not_needed and looks_local(value) and not Path(value).expanduser().exists():
             raise ConfigError(f"{key}={value!r} does not exist (it names a local path; a Hub id has the form owner/name)")
 
 
