@@ -394,13 +394,18 @@ def load_lora(pipe: Any, arg: str, family: str, log: Callable[[str], None]) -> N
     src = lora_source(arg, family)
     if src.note:
         log(src.note)
-    try:
+    if src.kwargs:  # a Hub repo: our file name first, then whatever diffusers finds there (files are cached)
         try:
-            pipe.load_lora_weights(src.weights, adapter_name="sample", **src.kwargs)
-        except (OSError, ValueError):
-            if not src.kwargs:
-                raise
-            pipe.load_lora_weights(src.weights, adapter_name="sample")  # a Hub repo with another file name
+            pipe.lora_state_dict(src.weights, **src.kwargs)
+        except (OSError, ValueError) as ours:
+            try:
+                pipe.lora_state_dict(src.weights)
+            except (OSError, ValueError):
+                first = str(ours).strip().splitlines()[0] if str(ours).strip() else type(ours).__name__
+                raise UserError(f"--lora {arg}: cannot load it from the Hub ({first[:300]})") from None
+            src.kwargs = {}
+    try:
+        pipe.load_lora_weights(src.weights, adapter_name="sample", **src.kwargs)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if type(err).__name__ == "NoMatchingPeftModuleError" or "not found in the base model" in first:

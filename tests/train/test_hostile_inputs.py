@@ -277,6 +277,9 @@ def test_4_sample_lora_forms_change_the_video_and_a_mismatch_fails(tmp_path: Pat
     # a mistyped relative --lora is named at once, not sent to the Hub
     code, _, err = sample(capsys, *common, "--lora", "runs/my-rn/final", "--out", str(tmp_path / "x.mp4"))
     one_error(code, err, "--lora: runs/my-rn/final does not exist")
+    # a Hub id that cannot be fetched (the tests run offline): one line, not diffusers' traceback
+    code, _, err = sample(capsys, *common, "--lora", "nobody-here/no-such-lora", "--out", str(tmp_path / "x.mp4"))
+    one_error(code, err, "--lora nobody-here/no-such-lora: cannot load it from the Hub")
     assert not (tmp_path / "x.mp4").exists()
 
 
