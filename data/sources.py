@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Iterable, Optional
 
 import datasets
 
+from data.hub_ids import looks_local
 from data.video import VideoRef
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif")
@@ -117,35 +118,171 @@ def load_samples(
         )
     if folder.exists():
         raise ValueError(f"data.path={path!r} must be a folder or a Hub dataset id, not a file")
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
-        raise ValueError(f"data.path={path!r} is neither an existing folder nor a Hub dataset id (owner/name)")
+    if looks_local(path):
+        raise ValueError(
+            f"data.path={path!r} does not exist (it names a local path; a Hub dataset id has the form owner/name)"
+        )
     return _from_hub(path, None, path, split, streaming, video_column, caption_column, cache_dir)
 
 
 def _from_metadata(folder: Path, meta: Path, video_column: Optional[str], caption_column: Optional[str]) -> list[VideoSample]:
-    # Streaming reads the small metadata file directly, without writing an Arrow copy to the HF cache.
-    builder = "csv" if meta.suffix == ".csv" else "json"
-    rows = list(datasets.load_dataset(builder, data_files=str(meta), split="train", streaming=True))
-    if not rows:
-        return []
-    vcol = _pick_column(rows[0].keys(), video_column, DEFAULT_VIDEO_COLUMNS, "data.video_column", str(meta))
-    ccol = _pick_column(rows[0].keys(), caption_column, DEFAULT_CAPTION_COLUMNS, "data.caption_column", str(meta))
+    rows = read_metadata_rows(meta)
+    vcol = _pick_column(rows[0][1].keys(), video_column, DEFAULT_VIDEO_COLUMNS, "data.video_column", str(meta))
+    ccol = _pick_column(rows[0][1].keys(), caption_column, DEFAULT_CAPTION_COLUMNS, "data.caption_column", str(meta))
     samples = []
-    for i, row in enumerate(rows):
+    for i, (where, row) in enumerate(rows):
         name = row.get(vcol)
         if isinstance(name, dict):  # a Video-typed column
             name = name.get("path")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"{where}: {vcol!r} must be a file name (string), got {name!r}")
         key = str(name) if name else f"{meta.name}[{i}]"
         video = str(folder / name) if name else None
-        samples.append(VideoSample(key, video, _clean_caption(row.get(ccol))))
+        try:
+            caption = _clean_caption(row.get(ccol))
+        except TypeError as err:
+            raise ValueError(f"{where}: {ccol!r}: {err}") from None
+        samples.append(VideoSample(key, video, caption))
     return samples
+
+
+def read_metadata_rows(meta: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a metadata file, each with its ``file:line`` for error messages.
+
+    Read here rather than through ``datasets``: a bad line must give one message naming the file and the line,
+    not an Arrow traceback, and an empty file must say that it is empty.
+    """
+    try:
+        text = _decode_text(meta.read_bytes(), meta)
+    except OSError as err:
+        raise ValueError(f"{meta}: cannot read ({err.strerror or err})") from None
+    if meta.suffix == ".csv":
+        rows = _csv_rows(text, meta)
+    elif meta.suffix == ".json" and text.lstrip()[:1] in ("[", "{") and not _is_jsonl(text):
+        rows = _json_rows(text, meta)
+    else:
+        rows = _jsonl_rows(text, meta)
+    if not rows:
+        raise ValueError(f"{meta} is empty: expected one row per video with a file name and a caption column")
+    for where, row in rows:
+        for key, value in row.items():
+            _check_unicode(value, f"{where}: {key!r}")
+    return rows
+
+
+def _decode_text(data: bytes, path: Path) -> str:
+    """UTF-8 (with or without a byte-order mark) or UTF-16 with its byte-order mark; anything else is named."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not valid UTF-16 text (at byte {err.start})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "save the file as UTF-8"
+        ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ValueError(f"{path}: line {line}: NUL characters (UTF-16 without a byte-order mark?); save the file as UTF-8")
+    return text
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """JSON escapes can spell lone surrogates (\\ud800) that no tokenizer or file system can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{where}: invalid unicode (lone surrogate {value[err.start]!r} at character {err.start})") from None
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_unicode(v, where)
+
+
+def _is_jsonl(text: str) -> bool:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return len(lines) > 1 and all(line.lstrip().startswith("{") and line.rstrip().endswith("}") for line in lines)
+
+
+def _jsonl_rows(text: str, meta: Path) -> list[tuple[str, dict[str, Any]]]:
+    import json
+
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{meta}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno}); expected one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object like {{\"file_name\": ..., \"caption\": ...}}, got {type(row).__name__}")
+        rows.append((where, row))
+    return rows
+
+
+def _json_rows(text: str, meta: Path) -> list[tuple[str, dict[str, Any]]]:
+    import json
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):  # columns -> rows
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{meta}: the columns have different lengths {sorted(lengths)}")
+        data = [dict(zip(data, values)) for values in zip(*data.values())]
+    elif isinstance(data, dict):  # a single row
+        data = [data]
+    if not isinstance(data, list):
+        raise ValueError(f"{meta}: expected a JSON list of objects (or one object per line), got {type(data).__name__}")
+    rows = []
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise ValueError(f"{meta}: item {i}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"{meta}[{i}]", row))
+    return rows
+
+
+def _csv_rows(text: str, meta: Path) -> list[tuple[str, dict[str, Any]]]:
+    import csv
+
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        rows = []
+        for record in reader:
+            if not any(cell.strip() for cell in record):
+                continue
+            where = f"{meta}:{reader.line_num}"
+            if len(record) > len(header):
+                raise ValueError(f"{where}: {len(record)} fields but the header names {len(header)}")
+            rows.append((where, {k: (v if v != "" else None) for k, v in zip(header, record)}))
+        return rows
+    except csv.Error as err:
+        raise ValueError(f"{meta}:{reader.line_num}: malformed CSV ({err})") from None
+
+
+def read_caption_file(path: Path) -> Optional[str]:
+    """A ``.txt`` caption: UTF-8 (BOM allowed) or UTF-16 with a BOM; other encodings are refused by name."""
+    text = _decode_text(path.read_bytes(), path)
+    _check_unicode(text, str(path))
+    return _clean_caption(text)
 
 
 def _from_caption_files(folder: Path, videos: list[Path]) -> list[VideoSample]:
     samples = []
     for video in videos:
         txt = video.with_suffix(".txt")
-        caption = _clean_caption(txt.read_text(encoding="utf-8-sig")) if txt.is_file() else None
+        caption = read_caption_file(txt) if txt.is_file() else None
         samples.append(VideoSample(str(video.relative_to(folder)), str(video), caption))
     return samples
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO, Optional, Protocol, Sequence, Union, runtime_checkable
@@ -46,6 +47,15 @@ def ref_name(ref: VideoRef) -> str:
     return getattr(ref, "name", "<video>")
 
 
+def av_message(err: BaseException) -> str:
+    """PyAV/OS errors without FFmpeg's numeric code ("[Errno 1094995529] Invalid data ..." -> "invalid data ...")."""
+    text = getattr(err, "strerror", None) or str(err)
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(text)).strip()
+    if "invalid data found" in text.lower():
+        text += " (not a video file, or a damaged one)"
+    return text[:1].lower() + text[1:] if text else type(err).__name__
+
+
 def _open(ref: VideoRef) -> "av.container.InputContainer":
     try:
         if isinstance(ref, (str, os.PathLike)):
@@ -54,7 +64,7 @@ def _open(ref: VideoRef) -> "av.container.InputContainer":
             return av.open(io.BytesIO(ref), "r")
         return av.open(ref.open(), "r")
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise VideoDecodeError(f"cannot open {ref_name(ref)}: {err}") from err
+        raise VideoDecodeError(f"cannot open {ref_name(ref)}: {av_message(err)}") from err
 
 
 def as_fraction(fps: Union[float, int, Fraction], name: str = "fps") -> Fraction:
@@ -98,7 +108,7 @@ def probe_video(ref: VideoRef) -> VideoInfo:
     try:
         return _probe(ref)
     except av.FFmpegError as err:
-        raise VideoDecodeError(f"{ref_name(ref)}: {err}") from err
+        raise VideoDecodeError(f"{ref_name(ref)}: {av_message(err)}") from err
 
 
 def _probe(ref: VideoRef) -> VideoInfo:
@@ -112,7 +122,7 @@ def _probe(ref: VideoRef) -> VideoInfo:
         try:
             first = next(container.decode(stream), None)
         except av.FFmpegError as err:
-            raise VideoDecodeError(f"{ref_name(ref)}: first frame does not decode: {err}") from err
+            raise VideoDecodeError(f"{ref_name(ref)}: first frame does not decode: {av_message(err)}") from err
         if first is None:
             raise VideoDecodeError(f"{ref_name(ref)}: no decodable frame")
         n = int(stream.frames or 0)
@@ -288,7 +298,7 @@ def _decode_at(
                 prev = (t, frame)
         except av.FFmpegError as err:
             raise VideoDecodeError(
-                f"{ref_name(ref)}: decoding failed after {k} of {len(targets)} frames: {err}"
+                f"{ref_name(ref)}: decoding failed after {k} of {len(targets)} frames: {av_message(err)}"
             ) from err
     while k < len(targets) and prev is not None and targets[k] - prev[0] <= half_period:
         take(prev[1])

@@ -43,17 +43,54 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(run_dir: Path, resume_from: Optional[str]) -> Optional[Path]:
-    """``latest`` -> newest complete checkpoint of the run (None when there is none yet); a path -> that folder."""
-    if resume_from is None:
-        return None
-    if resume_from == "latest":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume_from)
-    if not (path / "accelerate").is_dir():
-        raise FileNotFoundError(f"train.resume_from: {path} is not a checkpoint folder (no accelerate/ inside)")
-    return path
+def damage(folder: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be loaded (naming the file), or None when it looks complete.
+
+    Cheap structural checks, no tensor is read: JSON files parse, safetensors headers fit their file, torch zip
+    archives have their central directory (a truncated file loses it), and the files a resume needs are there.
+    """
+    folder = Path(folder)
+    if not (folder / "accelerate").is_dir():
+        return f"{folder / 'accelerate'} is missing"
+    if not (folder / "training_state.json").is_file():
+        return f"{folder / 'training_state.json'} is missing"
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        problem = _file_damage(path)
+        if problem:
+            return f"{path}: {problem}"
+    return None
+
+
+def _file_damage(path: Path) -> Optional[str]:
+    import struct
+    import zipfile
+
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return "truncated (no safetensors header)"
+                (n,) = struct.unpack("<Q", head)
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size < 8 + n + end:
+                return f"truncated ({path.stat().st_size} bytes, the header needs {8 + n + end})"
+        elif path.suffix in (".bin", ".pt", ".pth", ".pkl") and path.stat().st_size > 0:
+            with open(path, "rb") as fh:
+                is_zip = fh.read(4) == b"PK\x03\x04"
+            if is_zip:
+                with zipfile.ZipFile(path) as zf:
+                    zf.namelist()
+        elif path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            return "empty file"
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, struct.error) as err:
+        return f"damaged ({type(err).__name__}: {str(err)[:120]})"
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"damaged or truncated ({str(err)[:120]})"
+    return None
 
 
 def staging_dir(final: Path) -> Path:
@@ -82,15 +119,31 @@ def commit(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def rotate(run_dir: Path, keep: int) -> None:
+def rotate(run_dir: Path, keep: int, protect: Optional[str] = None) -> None:
+    """Keep the newest ``keep`` checkpoints, and always the one named ``protect`` (the last one written before a
+    run of non-finite steps: the one to resume from)."""
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_run_outputs(run_dir: Path) -> None:
-    """Checkpoints and final weights of an earlier run in the same folder (train.overwrite_output_dir)."""
-    for sub in ("checkpoints", "final"):
-        shutil.rmtree(Path(run_dir) / sub, ignore_errors=True)
+RUN_OUTPUTS = ("checkpoints", "final", "export", "validation", "metrics.jsonl", "config-changes.jsonl")
+
+
+def remove_run_outputs(run_dir: Path) -> list[str]:
+    """What an earlier run wrote into the folder (train.overwrite_output_dir): checkpoints, final weights, export,
+    validation videos and logs. Generated inputs kept there (a tiny model, synthetic data, a latent cache) stay."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def write_weights(folder: Path, *, lora_state: Optional[dict[str, torch.Tensor]], full_model: Any = None) -> None:

@@ -221,6 +221,21 @@ def _check_required(cfg: RecipeConfig) -> None:
     for i, bucket in enumerate(cfg.data.buckets):
         if len(bucket) != 3 or any(v < 1 for v in bucket):
             raise ConfigError(f"data.buckets[{i}]: expected [frames, height, width] of positive integers, got {bucket}")
+    v = cfg.validation
+    if v.every_steps < 0:
+        raise ConfigError(f"validation.every_steps: expected 0 (off) or a positive integer, got {v.every_steps}")
+    if v.every_steps and not v.prompts:
+        raise ConfigError(f"validation.every_steps={v.every_steps} but validation.prompts is empty: add prompts or set every_steps=0")
+    if v.num_inference_steps < 1:
+        raise ConfigError(f"validation.num_inference_steps: expected a positive integer, got {v.num_inference_steps}")
+    for key in ("frames", "height", "width"):
+        value = getattr(v, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"validation.{key}: expected a positive integer (or null: the data's), got {value}")
+    if cfg.train.lr_warmup_steps < 0:
+        raise ConfigError(f"train.lr_warmup_steps: expected an integer >= 0, got {cfg.train.lr_warmup_steps}")
+    if cfg.train.max_bad_steps_in_a_row < 1:
+        raise ConfigError(f"train.max_bad_steps_in_a_row: expected a positive integer, got {cfg.train.max_bad_steps_in_a_row}")
     if cfg.train.resume_from not in (None, "latest") and not Path(cfg.train.resume_from).is_dir():
         raise ConfigError(f"train.resume_from: expected 'latest' or an existing checkpoint folder, got {cfg.train.resume_from!r}")
 

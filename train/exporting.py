@@ -159,7 +159,10 @@ def load_lora_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """The peft state dict of the checkpoint (fp32), checked to hold only complete lora_A/lora_B pairs."""
     from safetensors.torch import load_file
 
-    state = load_file(str(ckpt.lora_path))
+    try:
+        state = load_file(str(ckpt.lora_path))
+    except Exception as err:  # noqa: BLE001 - safetensors has its own error type for a damaged/truncated file
+        raise ValueError(f"{ckpt.lora_path} is damaged ({str(err).splitlines()[0][:200]}); use another checkpoint") from None
     check_lora_state(state, rank=int(ckpt.meta["lora"]["rank"]), source=str(ckpt.lora_path))
     return state
 

@@ -2,6 +2,10 @@
 
     accelerate launch [--config_file configs/accelerate/<setup>.yaml] train/finetune.py \
         --config configs/<recipe>.yaml [section.key=value ...]
+
+A bad recipe or input stops with one ``error: ...`` line (exit code 2) before the run folder is touched; under a
+bare ``accelerate launch`` the launcher adds its own CalledProcessError traceback, which ``accelerate launch -q``
+hides.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.cache_dir:
         raise ConfigError("data.cache_dir is not set: name the folder the latent cache is written to")
-    precompute(
+    manifest = precompute(
         cfg,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
@@ -64,6 +64,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         vae_tiling=not args.no_vae_tiling,
         overwrite=args.overwrite,
     )
+    if manifest is not None:  # the recipe names this cache already (data.cache_dir is required here)
+        print(f"train with the same recipe (data.cache_dir={cfg.data.cache_dir}) to use it")
 
 
 def precompute(
@@ -84,6 +86,11 @@ def precompute(
 
     from train.bootstrap import create_missing_inputs
 
+    from train.bootstrap import check_generated_inputs
+    from train.preflight import check_paths
+
+    check_paths(cfg)
+    check_generated_inputs(cfg)
     state = state or PartialState()
     if state.is_main_process:
         for line in create_missing_inputs(cfg):
@@ -140,7 +147,7 @@ def precompute(
         elapsed = time.perf_counter() - start
         print(
             f"latent cache: {info['count']} clips in {cfg.data.cache_dir} ({len(info['failed'])} failed to decode) "
-            f"in {elapsed:.1f}s; set data.cache_dir to train from it"
+            f"in {elapsed:.1f}s"
         )
     return manifest
 

@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from train.exporting import DTYPES, PIPELINE_CLASSES, TRANSFORMER_CLASSES
+from train.errors import UserError
+from train.exporting import DTYPES, LORA_FILE, PIPELINE_CLASSES, TRANSFORMER_CLASSES
 
 ATTENTION_TYPES = ("radial", "svg2", "dense")
 FAMILY_OF_PIPELINE = {cls: family for family, cls in PIPELINE_CLASSES.items()}
@@ -31,7 +32,9 @@ class SampleOptions:
     model: str  # Hub id or local diffusers pipeline folder (model_index.json)
     prompt: str
     out: str = "video.mp4"
-    lora: Optional[str] = None  # folder / Hub id / .safetensors loadable by <Pipeline>.load_lora_weights
+    # an export folder, a run folder, final/, a checkpoint folder, a LoRA .safetensors (ours, diffusers', ComfyUI's)
+    # or a Hub id
+    lora: Optional[str] = None
     lora_scale: float = 1.0
     transformer: Optional[str] = None  # a fine-tuned transformer (export folder with transformer/, or the folder itself)
     family: Optional[str] = None  # needed only when the family can't be read from model_index.json
@@ -126,8 +129,26 @@ def check_options(opts: SampleOptions) -> None:
 
 
 def _looks_local(name: str) -> bool:
-    """A path (exists, starts with ./ / ~ or has more than one '/') rather than a Hub id."""
-    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    from data.hub_ids import looks_local
+
+    return looks_local(name)
+
+
+def check_model_not_shadowed(model: str, log: Callable[[str], None]) -> None:
+    """``--model org/name`` that exists as a local folder: diffusers would read the folder, not the Hub model.
+    A folder a recipe generated (a tiny random model) is refused; another one is used, with a note."""
+    from data.hub_ids import has_hub_id_form
+    from train.bootstrap import MARKER, read_marker
+
+    folder = Path(model)
+    if not has_hub_id_form(model) or not folder.is_dir():
+        return
+    if read_marker(folder) is not None:
+        raise UserError(
+            f"--model {model}: ./{model} is a tiny random model a recipe generated ({MARKER}), not the Hub model "
+            f"{model}; pass ./{model} to use it, or remove that folder"
+        )
+    log(f"note: --model {model} is the local folder ./{model}, not the Hub model of that name")
 
 
 def resolve_family(model: str, family: Optional[str] = None, revision: Optional[str] = None) -> str:
@@ -274,19 +295,7 @@ def load_sampling_pipeline(opts: SampleOptions, adapter: Any, device: torch.devi
     pipe = adapter.load_pipeline(transformer=transformer)
     if opts.lora:
         log(f"loading LoRA {opts.lora}")
-        from train.exporting import LORA_FILE
-
-        lora = str(opts.lora)
-        local = Path(lora).expanduser()
-        if local.is_dir() and (local / LORA_FILE).is_file() or not local.exists() and not lora.endswith(".safetensors"):
-            try:  # name our file: offline, diffusers cannot guess a Hub repo's file name
-                pipe.load_lora_weights(lora, adapter_name="sample", weight_name=LORA_FILE)
-            except (OSError, ValueError):
-                if local.is_dir():
-                    raise
-                pipe.load_lora_weights(lora, adapter_name="sample")  # another file name in someone else's repo
-        else:
-            pipe.load_lora_weights(lora, adapter_name="sample")
+        load_lora(pipe, str(opts.lora), family, log)
         pipe.fuse_lora(components=["transformer"], lora_scale=opts.lora_scale)  # plain weights: no LoRA cost per step
         pipe.unload_lora_weights()
     if opts.cpu_offload and device.type == "cuda":
@@ -298,6 +307,122 @@ def load_sampling_pipeline(opts: SampleOptions, adapter: Any, device: torch.devi
         pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --lora
+
+
+@dataclass
+class LoraSource:
+    """What ``load_lora_weights`` gets for a ``--lora`` argument, and the modules it must reach (None: unknown)."""
+
+    weights: Any  # a diffusers-format state dict, a file path, or a Hub id / export folder
+    kwargs: dict = field(default_factory=dict)
+    modules: Optional[set[str]] = None  # transformer module names the LoRA holds
+    note: Optional[str] = None
+
+
+def _lora_modules(keys: Any, prefix: str = "transformer.") -> set[str]:
+    return {k[len(prefix):].rsplit(".lora_", 1)[0] for k in keys if k.startswith(prefix) and ".lora_A." in k}
+
+
+def _read_safetensors(path: Path, arg: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise UserError(f"--lora {arg}: {path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def lora_source(arg: str, family: str) -> LoraSource:
+    """Resolve ``--lora`` (see :class:`SampleOptions`); a checkpoint of ours becomes a diffusers state dict with
+    alpha/rank folded into lora_B, which is what the trained model computed."""
+    from train.exporting import _LORA_KEY, load_lora_state, resolve_checkpoint
+
+    path = Path(arg).expanduser()
+    if not path.exists():
+        if _looks_local(arg):
+            raise UserError(f"--lora {arg} does not exist")
+        return LoraSource(arg, {"weight_name": LORA_FILE})  # a Hub repo; see load_lora for other file names
+    checkpoint_dir: Optional[Path] = None
+    if path.is_dir():
+        if (path / LORA_FILE).is_file():  # an export folder
+            return lora_source(str(path / LORA_FILE), family)
+        checkpoint_dir = path
+    elif path.suffix != ".safetensors":
+        raise UserError(f"--lora {arg}: expected a .safetensors file or a folder (export, run, final/ or checkpoint)")
+    elif path.parent.name == "weights" and (path.parent.parent / "meta.json").is_file():
+        checkpoint_dir = path.parent.parent  # <run>/final/weights/lora.safetensors: meta.json knows alpha
+    if checkpoint_dir is not None:
+        try:
+            ckpt = resolve_checkpoint(checkpoint_dir)
+        except (ValueError, FileNotFoundError) as err:
+            detail = str(err).replace("--checkpoint: ", "")
+            raise UserError(
+                f"--lora {arg}: no LoRA found ({detail}); expected an export folder ({LORA_FILE}), a run folder, "
+                "final/, a checkpoint folder or a .safetensors file"
+            ) from None
+        if ckpt.mode != "lora":
+            raise UserError(f"--lora {arg} is a full fine-tune; export it (train/export.py) and pass --transformer <export>")
+        if ckpt.family != family:
+            raise UserError(f"--lora {arg} was trained for {ckpt.family}, but --model is a {family} pipeline")
+        try:
+            state = load_lora_state(ckpt)
+        except ValueError as err:
+            raise UserError(f"--lora {arg}: {err}") from None
+        scale = float(ckpt.meta["lora"]["alpha"]) / float(ckpt.meta["lora"]["rank"])
+        weights = {f"transformer.{k}": (v * scale if ".lora_B." in k else v) for k, v in state.items()}
+        return LoraSource(weights, modules=_lora_modules(weights), note=f"LoRA of {ckpt.folder} (step {ckpt.meta.get('step')})")
+    state = _read_safetensors(path, arg)
+    if not state:
+        raise UserError(f"--lora {arg}: the file holds no tensors")
+    if all(_LORA_KEY.match(k) for k in state) and not any(k.startswith("transformer.") for k in state):
+        weights = {f"transformer.{k}": v for k, v in state.items()}  # our peft keys, outside a checkpoint folder
+        return LoraSource(weights, modules=_lora_modules(weights),
+                          note="peft LoRA keys without a meta.json beside them: alpha is taken equal to the rank")
+    modules = _lora_modules(state) if all(k.startswith("transformer.") for k in state) else None
+    return LoraSource(str(path), modules=modules)
+
+
+def load_lora(pipe: Any, arg: str, family: str, log: Callable[[str], None]) -> None:
+    """Load ``--lora`` into ``pipe`` as adapter "sample"; raises UserError when it does not fit the transformer,
+    so a LoRA that matched nothing can never render the base model silently."""
+    from peft.tuners.lora import LoraLayer
+
+    src = lora_source(arg, family)
+    if src.note:
+        log(src.note)
+    if src.kwargs:  # a Hub repo: our file name first, then whatever diffusers finds there (files are cached)
+        try:
+            pipe.lora_state_dict(src.weights, **src.kwargs)
+        except (OSError, ValueError) as ours:
+            try:
+                pipe.lora_state_dict(src.weights)
+            except (OSError, ValueError):
+                first = str(ours).strip().splitlines()[0] if str(ours).strip() else type(ours).__name__
+                raise UserError(f"--lora {arg}: cannot load it from the Hub ({first[:300]})") from None
+            src.kwargs = {}
+    try:
+        pipe.load_lora_weights(src.weights, adapter_name="sample", **src.kwargs)
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if type(err).__name__ == "NoMatchingPeftModuleError" or "not found in the base model" in first:
+            raise UserError(f"--lora {arg}: none of its LoRA modules is a layer of the {family} transformer "
+                            "(a LoRA for another model family?)") from None
+        raise UserError(f"--lora {arg} does not fit the {family} transformer: {first[:300]}") from None
+    wrapped = {name for name, m in pipe.transformer.named_modules() if isinstance(m, LoraLayer) and "sample" in m.lora_A}
+    if not wrapped:
+        raise UserError(f"--lora {arg}: no key matched a layer of the {family} transformer (a LoRA for another model?)")
+    if src.modules is not None:
+        missing = sorted(src.modules - wrapped)
+        if missing:
+            raise UserError(
+                f"--lora {arg}: {len(missing)} of its {len(src.modules)} LoRA modules match no layer of the {family} "
+                f"transformer (e.g. {', '.join(missing[:3])}): a LoRA for another model?"
+            )
+    log(f"LoRA applied to {len(wrapped)} layers")
 
 
 def text_length_for(adapter: Any, pipe: Any) -> Optional[int]:
@@ -314,6 +439,7 @@ def text_length_for(adapter: Any, pipe: Any) -> Optional[int]:
 def generate(opts: SampleOptions, log: Callable[[str], None] = print) -> SampleResult:
     """Generate ``opts.out``; logs the time and attention density of every step and a summary line."""
     check_options(opts)
+    check_model_not_shadowed(opts.model, log)
     family = resolve_family(opts.model, opts.family, opts.revision)
     device, dtype = _device_and_dtype(opts)
     from train.models import get_adapter

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from train import checkpointing, tracking
-from train.config import config_to_dict, dump_config, save_config
+from train.config import config_to_dict, dump_config, save_config, write_text_atomic
 from train.config_schema import RecipeConfig
 from train.errors import OOM_ADVICE, UserError
 from train.models import get_adapter
@@ -46,6 +46,8 @@ class _Position:
     batches_in_epoch: int = 0
     bad_in_a_row: int = 0
     bad_total: int = 0
+    newest_checkpoint: Optional[str] = None  # folder name of the last checkpoint written
+    protected_checkpoint: Optional[str] = None  # the last one written before the latest run of bad steps
 
 
 def train(cfg: RecipeConfig) -> TrainResult:
@@ -65,6 +67,7 @@ class Trainer:
         self._validator: Any = None
         self._last_good: Optional[dict] = None  # last batch that decoded (stand-in for an all-failed batch)
         self.data_report: Any = None  # data.dataset.SkipReport: skipped videos by reason, decode failures
+        self._checkpoint_due = False  # a checkpoint step fell on a bad step: write it after the next good one
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -101,9 +104,25 @@ class Trainer:
             return torch.float32
         return torch.bfloat16 if precision == "bf16" else torch.float16
 
-    def _prepare_run_dir(self) -> None:
-        from train.bootstrap import create_missing_inputs
+    def _create_inputs(self) -> None:
+        """Generated inputs (tiny model, synthetic data) the recipe asks for, only into folders marked as generated."""
+        from train.bootstrap import check_generated_inputs, create_missing_inputs
+        from train.preflight import check_paths
 
+        check_paths(self.cfg)
+        check_generated_inputs(self.cfg)  # on every rank: the same error everywhere, before anything is written
+        if self.is_main:
+            for line in create_missing_inputs(self.cfg):
+                self._print(f"created {line}")
+        self.accelerator.wait_for_everyone()
+
+    def _check_recipe(self, adapter: ModelAdapter) -> Any:
+        """Everything about the recipe that can be checked before the run folder is touched: clip shapes for the
+        VAE (data, buckets, validation), export formats, a reused output folder, resume compatibility."""
+        from train.preflight import check_recipe
+        from train.resume import plan_resume
+
+        check_recipe(self.cfg, adapter)
         t = self.cfg.train
         earlier = bool(checkpointing.list_checkpoints(self.run_dir)) or (self.run_dir / "final").is_dir()
         if earlier and t.resume_from is None and not t.overwrite_output_dir:  # checked on every rank alike
@@ -112,16 +131,35 @@ class Trainer:
                 "continue it with train.resume_from=latest, replace it with train.overwrite_output_dir=true, "
                 "or choose another train.output_dir"
             )
+        return plan_resume(self.cfg)
+
+    def _prepare_run_dir(self, plan: Any) -> None:
+        """The first write into the run folder, once the whole recipe is known to be usable."""
+        from train.resume import log_changes
+
+        t = self.cfg.train
         if self.is_main:
-            if earlier and t.resume_from is None:
-                checkpointing.remove_run_outputs(self.run_dir)
+            for note in plan.notes:
+                self._print(note)
+            if plan.checkpoint is None:  # a fresh run
+                if t.overwrite_output_dir:
+                    removed = checkpointing.remove_run_outputs(self.run_dir)
+                    if removed:
+                        self._print(f"train.overwrite_output_dir: removed the earlier run's {', '.join(removed)} in {self.run_dir}")
+                else:  # a fresh run in a reused folder starts a fresh local log
+                    for name in ("metrics.jsonl", "config-changes.jsonl"):
+                        (self.run_dir / name).unlink(missing_ok=True)
+            else:
+                if t.overwrite_output_dir:
+                    self._print("train.overwrite_output_dir is ignored: the run resumes (train.resume_from)")
+                _drop_metrics_after(self.run_dir / "metrics.jsonl", plan.step)  # rows the interrupted run logged later
+                for key, (old, new) in plan.changes.items():
+                    self._print(f"resume: {key} {old} -> {new} from step {plan.step + 1}")
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if plan.checkpoint is not None:
+                log_changes(self.run_dir, plan.step, plan.changes)
             self._print("resolved config:\n" + dump_config(self.cfg))
             save_config(self.cfg, self.run_dir / "config.yaml")
-            if self.cfg.train.resume_from is None:  # a fresh run in a reused folder starts a fresh local log
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            for line in create_missing_inputs(self.cfg):
-                self._print(f"created {line}")
         self.accelerator.wait_for_everyone()
 
     def _build_data(self, adapter: ModelAdapter) -> tuple[Any, Any]:
@@ -247,7 +285,7 @@ class Trainer:
         cfg = self.cfg
         from accelerate.utils import set_seed
 
-        self._prepare_run_dir()
+        self._create_inputs()
         set_seed(cfg.train.seed)
         if cfg.parallel.sequence_parallel_size > 1:
             from train.sequence_parallel import SequenceParallel
@@ -261,7 +299,9 @@ class Trainer:
             timestep_sampling=cfg.train.timestep_sampling,
         )
         base_geometry = self._geometry(adapter, cfg.data.frames, cfg.data.height, cfg.data.width)
+        plan = self._check_recipe(adapter)  # nothing in the run folder is written before this passed
         dataset, _ = self._build_data(adapter)
+        self._prepare_run_dir(plan)
         transformer, params = self._build_model(adapter)
         optimizer, scheduler = self._build_optimizer(params)
         loader = self._make_loader(dataset)
@@ -284,12 +324,16 @@ class Trainer:
                 encoders = adapter.load_encoders(self.device)
         self.encoders = encoders
 
-        resume = checkpointing.resolve_resume(self.run_dir, cfg.train.resume_from)
+        resume = plan.checkpoint
         if resume is not None:
-            self.accelerator.load_state(str(resume / "accelerate"))
+            try:
+                self.accelerator.load_state(str(resume / "accelerate"))
+            except (RuntimeError, OSError, ValueError, EOFError) as err:
+                raise UserError(f"train.resume_from: cannot load {resume / 'accelerate'}: {str(err).splitlines()[0]}") from err
             if ema is not None:
                 ema.to(self.device)  # accelerate loads custom states onto the CPU
             self.pos = _Position(**checkpointing.read_json(resume / "training_state.json"))
+            _apply_learning_rate(optimizer, scheduler, plan.changes.get("train.learning_rate"))
             self._print(f"resumed from {resume} at step {self.pos.step}")
 
         tracking.start(self.accelerator, cfg.tracking, self.run_dir, config_to_dict(cfg))
@@ -357,12 +401,11 @@ class Trainer:
         if bad:
             self.pos.bad_in_a_row += 1
             self.pos.bad_total += 1
+            if self.pos.bad_in_a_row == 1:  # a bad streak starts: keep the checkpoint written before it
+                self.pos.protected_checkpoint = self.pos.newest_checkpoint
             self._print(f"step {self.pos.step}: non-finite loss, step skipped ({self.pos.bad_total} so far)")
             if self.pos.bad_in_a_row >= cfg.train.max_bad_steps_in_a_row:
-                raise UserError(
-                    f"{self.pos.bad_in_a_row} steps in a row had a NaN/inf loss (train.max_bad_steps_in_a_row); "
-                    "lower train.learning_rate or check the data"
-                )
+                raise UserError(self._bad_streak_message())
         else:
             self.pos.bad_in_a_row = 0
         dt = time.perf_counter() - t0
@@ -428,7 +471,13 @@ class Trainer:
             if progress is None:
                 self._print(f"step {step}/{cfg.train.max_steps} loss {loss:.4f} density {stats['attention_density']:.3f}")
         if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
-            self._save_checkpoint(transformer, ema)
+            self._checkpoint_due = True
+        if self._checkpoint_due and step < cfg.train.max_steps:
+            if self.pos.bad_in_a_row:  # never save weights right after a bad step; the next good step saves them
+                self._print(f"step {step}: checkpoint postponed (the last step had a non-finite loss)")
+            else:
+                self._save_checkpoint(transformer, ema)
+                self._checkpoint_due = False
         v = cfg.validation
         if v.every_steps and v.prompts and step % v.every_steps == 0:
             self._validate(adapter, transformer, step)
@@ -527,12 +576,14 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp / "accelerate"))
         self._write_weights(tmp, transformer, ema)
+        self.pos.newest_checkpoint = final.name
         if self.is_main:
             checkpointing.write_json(tmp / "training_state.json", self.pos.__dict__)
+            save_config(self.cfg, tmp / "config.yaml")  # the recipe these weights were trained with (resume checks it)
         self.accelerator.wait_for_everyone()
         if self.is_main:
             checkpointing.commit(tmp, final)
-            checkpointing.rotate(self.run_dir, self.cfg.train.checkpoints_keep)
+            checkpointing.rotate(self.run_dir, self.cfg.train.checkpoints_keep, protect=self.pos.protected_checkpoint)
             self._print(f"checkpoint -> {final}")
         self.accelerator.wait_for_everyone()
         return final
@@ -544,6 +595,8 @@ class Trainer:
             checkpointing.begin(final)
         self.accelerator.wait_for_everyone()
         self._write_weights(tmp, transformer, ema)
+        if self.is_main:
+            save_config(self.cfg, tmp / "config.yaml")
         self.accelerator.wait_for_everyone()
         if self.is_main:
             checkpointing.commit(tmp, final)
@@ -587,11 +640,67 @@ class Trainer:
             lines.append(f"  loss:            {sum(first) / k:.4f} (mean of the first {k} steps) -> {sum(last) / k:.4f} (last {k})")
         if result.bad_steps:
             lines.append(f"  skipped steps:   {result.bad_steps} (non-finite loss)")
+        lines.extend(_data_summary(self.data_report))
         if self.cfg.tracking.report_to == "wandb":
             lines.append(f"  wandb:           {self.run_dir / 'wandb'}  (offline runs: `wandb sync <that folder>/offline-run-*`)")
         if result.exported_to is not None:
             lines.append(f"  export:          {result.exported_to}")
         return "\n".join(lines)
+
+    def _bad_streak_message(self) -> str:
+        text = f"{self.pos.bad_in_a_row} steps in a row had a NaN/inf loss (train.max_bad_steps_in_a_row); "
+        ckpt = self.pos.protected_checkpoint
+        if ckpt:
+            path = self.run_dir / "checkpoints" / ckpt
+            return text + (
+                f"the last checkpoint before them is {path}: resume from it with a lower learning rate "
+                f"(train.resume_from={path} train.learning_rate={self.cfg.train.learning_rate / 10:g}), or check the data"
+            )
+        return text + "no checkpoint was written before them: lower train.learning_rate (and start over), or check the data"
+
+
+def _apply_learning_rate(optimizer: Any, scheduler: Any, change: Optional[tuple[Any, Any]]) -> None:
+    """A resume with a new train.learning_rate: rescale the restored schedule (its base and current rates)."""
+    if change is None:
+        return
+    old, new = change
+    ratio = float(new) / float(old)
+    inner = getattr(scheduler, "scheduler", scheduler)
+    inner.base_lrs = [lr * ratio for lr in inner.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """metrics.jsonl keeps one row per step: rows an interrupted run logged after its last checkpoint go."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the interruption
+        keep.append(line + "\n")
+    write_text_atomic(path, "".join(keep))
+
+
+def _data_summary(report: Any) -> list[str]:
+    """The data lines of the final summary: what was used and what was skipped (and why)."""
+    if report is None:
+        return []
+    skipped = {r: n for r, n in report.skipped.items() if n}
+    why = f" ({', '.join(f'{r}: {n}' for r, n in skipped.items())})" if skipped else ""
+    lines = [f"  data:            {report.videos} videos, {report.kept} used ({report.clips} clips), "
+             f"{report.total_skipped} skipped{why}"]
+    if report.decode_failures:
+        lines.append(f"  decode failures: {report.decode_failures} during training ({len(report.failed_videos)} videos; "
+                     "each replaced by another clip)")
+    return lines
 
 
 class _FullModelWriter:

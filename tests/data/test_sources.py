@@ -128,5 +128,5 @@ def test_bad_paths(tmp_path):
     (tmp_path / "f.mp4").write_bytes(b"x")
     with pytest.raises(ValueError, match="must be a folder or a Hub dataset id, not a file"):
         load_samples(str(tmp_path / "f.mp4"))
-    with pytest.raises(ValueError, match="neither an existing folder nor a Hub dataset id"):
+    with pytest.raises(ValueError, match="does not exist .it names a local path"):
         load_samples(str(tmp_path / "missing" / "deep" / "x"))
