@@ -28,6 +28,7 @@ RESUME_APPLIES = ("train.learning_rate", "train.max_steps")
 RESUME_BOOKKEEPING_PREFIXES = (
     "train.resume_from", "train.overwrite_output_dir", "train.output_dir", "train.checkpoint_every",
     "train.checkpoints_keep", "train.log_every", "train.max_bad_steps_in_a_row", "train.gradient_checkpointing",
+    "train.checkpoint_policy", "train.compile",
     "attention.backend", "data.num_workers", "validation.", "tracking.", "export.",
 )
 RESUME_MAY_CHANGE = RESUME_APPLIES + RESUME_BOOKKEEPING_PREFIXES
