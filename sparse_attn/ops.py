@@ -6,6 +6,7 @@ selective-activation-checkpoint policy can name the forward and keep its outputs
 * ``sparse_attn::block_sparse_fwd(q, k, v, block_mask, key_padding_mask, block_size, scale, backend, layout,
   deterministic) -> (out, lse)``
 * ``sparse_attn::block_sparse_bwd(grad_out, q, k, v, out, lse, block_mask, key_padding_mask, ...) -> (dq, dk, dv)``
+* ``sparse_attn::range_attn_fwd`` / ``range_attn_bwd``: SVG2's Triton range kernel, the same way.
 
 The forward's autograd formula calls the backward op.  Everything an op takes is a tensor or a plain int /
 float / str / bool: the block mask itself is an input and its sparse index (``indices.block_index``) is looked
@@ -25,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["CHECKPOINT_SAVE_OPS", "block_sparse_fwd", "block_sparse_bwd", "LAYOUTS"]
+__all__ = ["CHECKPOINT_SAVE_OPS", "block_sparse_fwd", "block_sparse_bwd", "range_attn_fwd", "range_attn_bwd", "LAYOUTS"]
 
 LAYOUTS = ("bhnd", "bnhd")
 
@@ -39,6 +40,9 @@ def _bhnd(x: Tensor, layout: str) -> Tensor:
 
 
 def _as_4d(block_mask: Tensor) -> Tensor:
+    """``[Bm, Hm, Nb, Nb]`` view; a 4-D mask is returned as is (its identity keys the FA4 list cache)."""
+    if block_mask.dim() == 4:
+        return block_mask
     return block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape))
 
 
@@ -123,7 +127,7 @@ def block_sparse_fwd(
         from .backends import fa4
 
         lse = fa4.forward(q, k, v, block_mask, key_padding_mask, _groups(partial_mask, q_groups, k_groups, group_pairs),
-                          block_size, scale, layout, out)
+                          block_size, scale, layout, deterministic, out)
         return out, lse
     raise ValueError(f"sparse_attn::block_sparse_fwd: unknown backend {backend!r}")
 
@@ -217,6 +221,67 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
 
 block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)
 
+# ------------------------------------------------------------------------------------------ SVG2 range kernel
+# RangeLayout (sparse_attn/kernels/range_attention.py) travels as its 12 launch tensors and 7 ints.
+
+RANGE_TENSOR_FIELDS = ("q_tile_row", "q_tile_start", "q_tile_end", "q_row_ptr", "q_chunk_start", "q_chunk_end",
+                       "k_tile_row", "k_tile_start", "k_tile_end", "k_row_ptr", "k_chunk_start", "k_chunk_end")
+RANGE_INT_FIELDS = ("rows_per_bh", "cols_per_bh", "tile_m", "tile_n", "chunk_m", "chunk_n", "dq_block_m")
+
+
+def _range_layout(tensors: list[Tensor], ints: list[int]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**dict(zip(RANGE_TENSOR_FIELDS, tensors)), **dict(zip(RANGE_INT_FIELDS, ints)))
+
+
+@torch.library.custom_op("sparse_attn::range_attn_fwd", mutates_args=())
+def range_attn_fwd(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], layout_ints: list[int],
+                   scale: float) -> tuple[Tensor, Tensor]:
+    """SVG2's Triton range-kernel forward: ``(out [B,H,N,D], lse fp32 [B*H, N])``."""
+    from .kernels.range_attention import _forward
+
+    global forward_calls
+    forward_calls += 1
+    return _forward(q, k, v, _range_layout(layout_tensors, layout_ints), scale)
+
+
+@range_attn_fwd.register_fake
+def _(q, k, v, layout_tensors, layout_ints, scale):
+    b, h, n, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b * h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_attn::range_attn_bwd", mutates_args=())
+def range_attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   layout_tensors: list[Tensor], layout_ints: list[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from .kernels.range_attention import _backward
+
+    return _backward(q, k, v, out, lse, grad_out, _range_layout(layout_tensors, layout_ints), scale)
+
+
+@range_attn_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, layout_tensors, layout_ints, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _range_setup_context(ctx, inputs, output) -> None:
+    q, k, v, layout_tensors, layout_ints, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *layout_tensors)
+    ctx.args = (list(layout_ints), scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _range_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+    q, k, v, out, lse, *layout_tensors = ctx.saved_tensors
+    dq, dk, dv = range_attn_bwd(grad_out, q, k, v, out, lse, layout_tensors, *ctx.args)
+    return dq, dk, dv, [None] * len(layout_tensors), None, None  # pytree of the inputs: one slot per list entry
+
+
+range_attn_fwd.register_autograd(_range_backward, setup_context=_range_setup_context)
+
 #: OpOverloads whose outputs a selective-activation-checkpoint policy should save (``CheckpointPolicy.MUST_SAVE``)
-#: so that the recompute pass of ``torch.utils.checkpoint`` does not run attention a second time.
-CHECKPOINT_SAVE_OPS: tuple = (torch.ops.sparse_attn.block_sparse_fwd.default,)
+#: so that the recompute pass of ``torch.utils.checkpoint`` does not run attention a second time: the block-sparse
+#: forward (radial; SVG2 on FA4) and SVG2's range-kernel forward.
+CHECKPOINT_SAVE_OPS: tuple = (torch.ops.sparse_attn.block_sparse_fwd.default, torch.ops.sparse_attn.range_attn_fwd.default)

@@ -102,34 +102,12 @@ def unsupported_reason(q: Tensor, block_size: int) -> Optional[tuple[type, str]]
 
 
 def _mask_mods() -> dict[str, Any]:
-    """The CuTe ``mask_mod`` functions (one object each, so FA4's compile cache keys stay stable)."""
-    if _MODS:
-        return _MODS
-    import cutlass
-    import cutlass.cute as cute
-    from flash_attn.cute import utils
+    """The CuTe ``mask_mod`` functions of :mod:`sparse_attn.backends.fa4_masks` (imported on first use)."""
+    if not _MODS:
+        from . import fa4_masks
 
-    def _nonzero(x):
-        return utils.scalar_to_ssa(x, cutlass.Int32) != utils.scalar_to_ssa(0, cutlass.Int32)
-
-    @cute.jit
-    def key_valid(batch_idx, head_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
-        return _nonzero(aux_tensors[0][batch_idx[0], kv_idx[0]])
-
-    @cute.jit
-    def group_pair(batch_idx, head_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
-        qg = aux_tensors[0][batch_idx[0], head_idx[0], q_idx[0]]
-        kg = aux_tensors[1][batch_idx[0], head_idx[0], kv_idx[0]]
-        return _nonzero(aux_tensors[2][batch_idx[0], head_idx[0], qg, kg])
-
-    @cute.jit
-    def group_pair_key_valid(batch_idx, head_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
-        qg = aux_tensors[0][batch_idx[0], head_idx[0], q_idx[0]]
-        kg = aux_tensors[1][batch_idx[0], head_idx[0], kv_idx[0]]
-        ok = aux_tensors[2][batch_idx[0], head_idx[0], qg, kg] * aux_tensors[3][batch_idx[0], kv_idx[0]]
-        return _nonzero(ok)
-
-    _MODS.update(key_valid=key_valid, group_pair=group_pair, group_pair_key_valid=group_pair_key_valid)
+        _MODS.update(key_valid=fa4_masks.key_valid, group_pair=fa4_masks.group_pair,
+                     group_pair_key_valid=fa4_masks.group_pair_key_valid)
     return _MODS
 
 
@@ -225,11 +203,11 @@ def _bnhd(x: Tensor, layout: str) -> Tensor:
     return x if layout == "bnhd" else x.transpose(1, 2)
 
 
-def forward(q, k, v, block_mask, key_padding_mask, groups, block_size, scale, layout, out) -> Tensor:
+def forward(q, k, v, block_mask, key_padding_mask, groups, block_size, scale, layout, deterministic, out) -> Tensor:
     """Writes ``out`` (caller's layout); returns FA4's LSE ``[B, H, N]`` (fp32, natural log, -inf on empty rows)."""
     interface, _, _ = _fa4()
     n = q.shape[1] if layout == "bnhd" else q.shape[2]
-    fwd, _, mask_mod, aux = _tensors(block_mask, key_padding_mask, groups, n, block_size, False)
+    fwd, _, mask_mod, aux = _tensors(block_mask, key_padding_mask, groups, n, block_size, deterministic)
     _, lse, *_ = interface._flash_attn_fwd(
         _bnhd(q, layout), _bnhd(k, layout), _bnhd(v, layout),
         softmax_scale=scale, mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=fwd,

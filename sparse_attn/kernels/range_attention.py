@@ -408,7 +408,7 @@ def build_range_layout(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch wrappers + autograd
+# Launch wrappers (autograd: the custom ops sparse_attn::range_attn_fwd / _bwd in sparse_attn/ops.py)
 # ----------------------------------------------------------------------------------------------
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -459,22 +459,6 @@ def _backward(q, k, v, o, lse, do, lay: RangeLayout, scale: float) -> tuple[Tens
     return dq, dk, dv
 
 
-class _RangeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale):  # type: ignore[override]
-        o, lse = _forward(q, k, v, layout, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout = layout
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.layout, ctx.scale)
-        return dq, dk, dv, None, None
-
-
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: RangeLayout) -> None:
     """Raise ValueError unless q/k/v fit the Triton kernels and ``layout``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -498,7 +482,12 @@ def range_attention(q: Tensor, k: Tensor, v: Tensor, layout: RangeLayout, *, sca
 
     Rows that attend no key get zeros (and zero gradients).  ``scale`` defaults to 1/sqrt(D).
     """
+    from .. import ops
+
     check_inputs(q, k, v, layout)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _RangeAttention.apply(q, k, v, layout, float(scale))
+    tensors = [getattr(layout, f) for f in ops.RANGE_TENSOR_FIELDS]
+    ints = [int(getattr(layout, f)) for f in ops.RANGE_INT_FIELDS]
+    out, _ = ops.range_attn_fwd(q, k, v, tensors, ints, float(scale))  # custom op: checkpoint policies see it
+    return out

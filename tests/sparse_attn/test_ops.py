@@ -66,16 +66,16 @@ def test_layout_bnhd_no_copy(backend, dtype, d, bs, tol):
     assert_close((t(out), t(qg.grad), t(kg.grad), t(vg.grad)), ref, tol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,layout", [("torch", "bhnd"), ("triton", "bhnd"), ("auto", "bnhd")])
+def test_compile_fullgraph(backend, layout):
     """torch.compile(fullgraph=True) of a function around block_sparse_attention: no graph break, same grads."""
     torch._dynamo.reset()
-    dtype, d, bs = (torch.float64, 16, 32) if backend == "torch" else (torch.float32, 64, 64)
-    (q, k, v, do), gen = _inputs(1, 2, 96, d, dtype, 11)
+    dtype, d, bs = (torch.float32, 64, 64) if backend == "triton" else (torch.float64, 16, 32)
+    (q, k, v, do), gen = _inputs(1, 2, 96, d, dtype, 11, layout=layout)
     mask = make_mask("per_head", 1, 2, math.ceil(96 / bs), gen)
 
     def f(q, k, v):
-        return block_sparse_attention(q * 1.5, k, v, mask, block_size=bs, backend=backend).sin()
+        return block_sparse_attention(q * 1.5, k, v, mask, block_size=bs, backend=backend, layout=layout).sin()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     grads = []
@@ -125,3 +125,53 @@ def test_bad_layout():
     q = torch.randn(1, 2, 64, 8)
     with pytest.raises(ValueError, match="layout must be one of"):
         block_sparse_attention(q, q, q, torch.ones(2, 2, dtype=torch.bool), block_size=32, layout="bshd")
+
+
+# ----------------------------------------------------------------------------------------- SVG2 range kernel op
+
+
+def _range_case():
+    from sparse_attn.kernels.range_attention import build_range_layout
+    from sparse_attn.svg2 import _tile_config
+
+    gen = torch.Generator().manual_seed(12)
+    b, h, n, d = 1, 2, 60, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    sel = torch.rand(b * h, 3, 4, generator=gen) < 0.6
+    sel[:, :, 0] = True
+    rs = torch.tensor([[20, 25, 15]] * (b * h))
+    cs = torch.tensor([[10, 20, 20, 10]] * (b * h))
+    layout = build_range_layout(sel, rs, cs, **_tile_config(q))
+    return q, k, v, layout
+
+
+def test_range_op_opcheck():
+    q, k, v, layout = _range_case()
+    tensors = [getattr(layout, f) for f in ops.RANGE_TENSOR_FIELDS]
+    ints = [int(getattr(layout, f)) for f in ops.RANGE_INT_FIELDS]
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.sparse_attn.range_attn_fwd.default, (q, k, v, tensors, ints, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_range_op_selective_checkpoint_skips_recompute():
+    from sparse_attn.kernels.range_attention import range_attention
+    from sparse_attn.svg2 import range_attention_torch
+
+    q, k, v, layout = _range_case()
+    w = torch.eye(16) + 0.1 * torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+    w.requires_grad_()
+
+    def block(x):
+        return range_attention(x @ w, k, v, layout) @ w
+
+    x = q.clone().requires_grad_()
+    before = ops.forward_calls
+    out = checkpoint(block, x, use_reentrant=False,
+                     context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
+    out.sum().backward()
+    assert ops.forward_calls == before + 1
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    (range_attention_torch(xr @ wr, k, v, layout) @ wr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-5)
