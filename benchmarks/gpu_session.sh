@@ -15,7 +15,7 @@ ngpu=$(nvidia-smi -L | wc -l)
 for what in "$@"; do
   case "$what" in
     tests) timeout 300 python3 -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/gpu_tests.log" | tail -4 ;;
-    train) timeout 420 python3 benchmarks/train_step.py --quick --budget-s 330 --out "$OUT/train_step.md" 2>&1 | grep -v Warning | tail -12 ;;
+    train) timeout 390 python3 benchmarks/train_step.py --quick --budget-s 280 --out "$OUT/train_step.md" 2>&1 | grep -v Warning | tail -12 ;;
     train-full) python3 benchmarks/train_step.py --frames 81,161,321 --impls dense,flex,radial,radial-auto,svg2 --modes base,both --out "$OUT/train_step.md" 2>&1 | grep -v Warning | tail -34 ;;
     svg2) timeout 300 python3 benchmarks/svg2.py --out "$OUT/svg2.md" 2>&1 | tail -14 ;;
     data) timeout 240 python3 benchmarks/data.py --workers 1,4 --dtypes uint8 --out /tmp/databench > "$OUT/data.md" 2>&1; tail -6 "$OUT/data.md" ;;
