@@ -145,7 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def build_plan(args: argparse.Namespace) -> Plan:
     values = dict(PRESETS["tiny" if args.tiny else "default"])
-    for name in ("size", "factor", "base_frames", "layers", "heads", "head_dim", "batch", "base_batch",
+    for name in ("size", "factor", "base_frames", "layers", "heads", "head_dim", "ffn_dim", "batch", "base_batch",
                  "train_clips", "eval_clips", "sample_clips", "base_steps", "ft_steps", "sample_steps",
                  "block_size", "lora_rank", "seed", "minutes", "lr_full", "lr_lora", "base_lr", "dense_layers",
                  "decay_factor", "num_q_clusters", "num_k_clusters", "top_p", "shift", "sample_dense_steps"):
@@ -248,6 +248,10 @@ class Bench:
         self.log(f"data: {p.train_clips} training and {p.eval_clips} held-out scenes of {p.longest} frames "
                  f"{p.size}x{p.size} rendered and captioned in {time.perf_counter() - t:.1f} s ({workers} workers)")
         self._noise: dict[tuple[str, int], torch.Tensor] = {}
+        #: length -> (run label, frames of the first continued clip): the sample grids
+        self.samples: dict[int, list[tuple[str, torch.Tensor]]] = {
+            length: [("ground truth", self.eval.pixels[0, :length].cpu())] for length in [plan.base_frames, *plan.lengths]
+        }
 
     # -- data ------------------------------------------------------------------------------------------------
     def _embed_captions(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,7 +344,7 @@ class Bench:
 
     # -- training --------------------------------------------------------------------------------------------
     def train_run(self, model, params, router, *, length: int, steps: int, lr: float, batch: int,
-                  curve_every: int = 0, label: str = "") -> RunLog:
+                  curve_every: int = 0, label: str = "", report_every: int = 0) -> RunLog:
         """AdamW (no weight decay), linear warm-up then constant, grad-norm clip 1.0, MSE to the velocity; the
         batches, noise and noise levels depend only on (seed, length), so every run of a length sees the same."""
         p = self.p
@@ -365,7 +369,7 @@ class Bench:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            value = float(loss)  # synchronises
+            value = float(loss.detach())  # synchronises
             self.sync()
             out.step_s.append(time.perf_counter() - t0)
             out.losses.append(value)
@@ -374,6 +378,9 @@ class Bench:
                 out.diverged = True
                 self.log(f"  {label}: non-finite loss at step {step + 1}; run stopped")
                 break
+            if report_every and (step + 1) % report_every == 0:
+                self.log(f"  {label} step {step + 1}/{steps}: train loss (last {report_every}) "
+                         f"{statistics.mean(out.losses[-report_every:]):.4f}, {sum(out.step_s):.1f} s")
             if curve_every and ((step + 1) % curve_every == 0 or step + 1 == steps):
                 out.curve.append((sum(out.step_s), step + 1, self.curve_loss(model, length)))
                 model.train()
@@ -404,7 +411,7 @@ class Bench:
         return float(statistics.mean(values.values()))
 
     @torch.no_grad()
-    def continuation(self, model, router, length: int, cond_frames: int) -> dict[str, Any]:
+    def continuation(self, model, router, length: int, cond_frames: int, label: str = "") -> dict[str, Any]:
         """Generate frames ``cond_frames..length-1`` of held-out clips given the earlier ones, and score them
         against the scene's ground truth (replacement conditioning: the known frames are set to their noised
         ground truth at every step's noise level, with the same noise the sample started from)."""
@@ -430,7 +437,10 @@ class Bench:
                 x = sched.step(v, t, x, return_dict=False)[0]
             x[:, :, :c] = x0[:, :, :c]
             frames.append(self.latent.decode(x))
-        return self.score(torch.cat(frames), length, c)
+        frames = torch.cat(frames)
+        if label:
+            self.samples.setdefault(length, []).append((label, frames[0].cpu()))
+        return self.score(frames, length, c)
 
     def score(self, frames: torch.Tensor, length: int, c: int) -> dict[str, Any]:
         """Position error / PSNR / SSIM of generated frames ``c..length-1`` against the truth."""
@@ -543,7 +553,7 @@ def run(p: Plan, device: torch.device, log) -> dict[str, Any]:
         F0 = p.base_frames
         model, params, router = bench.new_model(None, "base", "dense")
         base_log = bench.train_run(model, params, router, length=F0, steps=p.base_steps, lr=p.base_lr,
-                                   batch=p.base_batch, label="base")
+                                   batch=p.base_batch, label="base", report_every=max(1, p.base_steps // 5))
         state = _state(model)
         base_row = {
             "name": "base", "length": F0, "attention": "dense", "mode": "base", "steps": len(base_log.losses),
@@ -553,7 +563,7 @@ def run(p: Plan, device: torch.device, log) -> dict[str, Any]:
             "train_loss_last": statistics.mean(base_log.losses[-10:]),
             "diverged": base_log.diverged,
             "loss": _mean(bench.eval_loss(model, F0, p.eval_clips, p.eval_sigmas)),
-            **bench.continuation(model, router, F0, F0 // 2),
+            **bench.continuation(model, router, F0, F0 // 2, label="base"),
         }
         result["base"] = base_row
         result["baselines"][str(F0)] = bench.static_baseline(F0, F0 // 2)
@@ -572,7 +582,7 @@ def run(p: Plan, device: torch.device, log) -> dict[str, Any]:
                 losses = bench.eval_loss(model, length, p.eval_clips, p.eval_sigmas)
                 row = {"name": f"no-FT {attention}", "length": length, "attention": attention, "mode": "none",
                        "steps": 0, "train_s": 0.0, "step_ms": float("nan"), "loss": _mean(losses),
-                       "loss_per_sigma": losses, **bench.continuation(model, router, length, F0)}
+                       "loss_per_sigma": losses, **bench.continuation(model, router, length, F0, f"no-FT {attention}")}
                 row["density"] = float(router.density())
                 row["attn_tflop_step"] = float("nan")
                 result["runs"].append(row)
@@ -594,12 +604,13 @@ def run(p: Plan, device: torch.device, log) -> dict[str, Any]:
                         "loss": _mean(losses), "loss_per_sigma": losses, "diverged": rl.diverged,
                         "train_loss_first": statistics.mean(rl.losses[:5]), "train_loss_last": statistics.mean(rl.losses[-5:]),
                         "curve": rl.curve, "trainable_params": sum(q.numel() for q in params),
-                        **bench.continuation(model, router, length, F0),
+                        **bench.continuation(model, router, length, F0, label=f"{attention} {mode}"),
                     }
                     result["runs"].append(row)
                     log(_row_line(row))
                     del model, params
         result["total_s"] = time.perf_counter() - _T0
+        result["samples"] = bench.samples  # popped before results.json is written
         return result
 
 
@@ -705,6 +716,7 @@ def write_outputs(out: Path, result: dict[str, Any], command: str) -> list[str]:
         os.replace(tmp, out / name)
         written.append(name)
 
+    samples = result.pop("samples", {})
     put("results.json", json.dumps(result, indent=1, default=float) + "\n")
     put("results.md", render_markdown(result, command))
     tmp = out / ".loss_vs_wallclock.png.tmp.png"
@@ -714,6 +726,12 @@ def write_outputs(out: Path, result: dict[str, Any], command: str) -> list[str]:
     else:
         os.replace(tmp, out / "loss_vs_wallclock.png")
         written.append(f"loss_vs_wallclock.png ({backend})")
+    for length, rows in samples.items():
+        name = f"samples_{length}f.png"
+        tmp = out / f".{name}.tmp.png"
+        if report.save_grid(tmp, [(label, frames.numpy()) for label, frames in rows]):
+            os.replace(tmp, out / name)
+            written.append(name)
     return written
 
 
@@ -732,13 +750,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--base-steps", type=int, help="base training steps (fixes the count; no calibration)")
     ap.add_argument("--ft-steps", type=int, help="steps of every fine-tune (fixes the count; no calibration)")
     for name, typ in (("size", int), ("factor", int), ("base-frames", int), ("layers", int), ("heads", int),
-                      ("head-dim", int), ("batch", int), ("base-batch", int), ("train-clips", int),
+                      ("head-dim", int), ("ffn-dim", int), ("batch", int), ("base-batch", int), ("train-clips", int),
                       ("eval-clips", int), ("sample-clips", int), ("sample-steps", int), ("block-size", int),
                       ("lora-rank", int), ("seed", int), ("lr-full", float), ("lr-lora", float), ("base-lr", float),
                       ("dense-layers", int), ("decay-factor", float), ("num-q-clusters", int),
                       ("num-k-clusters", int), ("top-p", float), ("shift", float), ("sample-dense-steps", int)):
         ap.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
     ap.add_argument("--multipliers", type=int, nargs="+", help="extended lengths as multiples of F (default 2 4)")
+    ap.add_argument("--threads", type=int, help="CPU threads of torch (default: 1 with --tiny, else torch's)")
     return ap.parse_args(argv)
 
 
@@ -757,8 +776,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if device.type == "cpu" and not args.tiny and args.device is None:
         raise UserError("the default configuration needs a CUDA GPU (it takes ~14 GPU minutes); use --tiny on a CPU, "
                         "or --device cpu with smaller --size / --base-frames / steps")
-    if args.tiny:  # tiny tensors: one thread avoids oversubscription stalls on a shared CPU (10x here)
-        torch.set_num_threads(1)
+    if args.threads is not None or args.tiny:  # tiny tensors: one thread avoids oversubscription stalls (10x)
+        torch.set_num_threads(max(1, args.threads or 1))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

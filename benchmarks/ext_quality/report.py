@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["Series", "Panel", "plot_panels", "markdown_table", "fmt"]
+__all__ = ["Series", "Panel", "plot_panels", "markdown_table", "fmt", "save_grid"]
 
 COLOURS = {"dense": (0.1, 0.1, 0.1), "radial": (0.12, 0.47, 0.71), "svg2": (0.89, 0.47, 0.1)}
 
@@ -99,8 +99,8 @@ def _pillow(path: Path, panels: list[Panel], title: str, Image, ImageDraw) -> st
         draw.rectangle((x0, y0, x1, y1), outline="black")
         draw.text((x0, y0 - 18), panel.title, fill="black")
         draw.text((x0, y1 + 6), f"{panel.xlabel}: {lo_x:.3g} .. {hi_x:.3g}", fill="black")
-        draw.text((x0 - margin + 4, y0), f"{hi_y:.3g}", fill="black")
-        draw.text((x0 - margin + 4, y1 - 10), f"{lo_y:.3g}", fill="black")
+        draw.text((x0 - margin + 4, y0), f"{hi_y:.4g}", fill="black")
+        draw.text((x0 - margin + 4, y1 - 10), f"{lo_y:.4g}", fill="black")
         legend_y = y0 + 4
         for label, y in panel.hlines:
             _, py = at(lo_x, y)
@@ -116,3 +116,25 @@ def _pillow(path: Path, panels: list[Panel], title: str, Image, ImageDraw) -> st
             legend_y += 12
     img.save(path)
     return "pillow"
+
+
+def save_grid(path: Path, rows: list[tuple[str, "np.ndarray"]], scale: int = 2) -> bool:
+    """One row of frames per run (uint8 ``[T, H, W, 3]`` each), labelled on the left; False without Pillow."""
+    try:
+        import numpy as np
+        from PIL import Image, ImageDraw
+    except ImportError:
+        return False
+    label_w, gap = 130, 2
+    t, h, w, _ = rows[0][1].shape
+    t = max(r[1].shape[0] for r in rows)
+    img = Image.new("RGB", (label_w + t * (w * scale + gap), len(rows) * (h * scale + gap)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (label, frames) in enumerate(rows):
+        y = i * (h * scale + gap)
+        draw.text((4, y + h * scale // 2 - 6), label, fill="black")
+        for j, frame in enumerate(np.asarray(frames)):
+            tile = Image.fromarray(frame).resize((w * scale, h * scale), Image.NEAREST)
+            img.paste(tile, (label_w + j * (w * scale + gap), y))
+    img.save(path)
+    return True

@@ -15,6 +15,7 @@ transformer produced, so pixel metrics measure the transformer alone.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -70,7 +71,11 @@ def make_scenes(n: int, frames: int, height: int, width: int, seed: int, workers
     scenes = [random_scene(np.random.default_rng([seed, i]), max_shapes=1) for i in range(n)]
     jobs = [(s, frames, height, width, seed * 100003 + i) for i, s in enumerate(scenes)]
     if workers > 1 and n > 8:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # fork where available: the children only run numpy (safe even after CUDA is initialised) and skip
+        # re-importing torch, which spawn would do in every worker
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             clips = list(pool.map(_render, jobs, chunksize=max(1, n // (4 * workers))))
     else:
         clips = [_render(j) for j in jobs]
