@@ -532,7 +532,9 @@ def choose_steps(p: Plan, times: dict[str, float], elapsed: float, log) -> tuple
     return base_steps, ft_steps
 
 
-def run(p: Plan, device: torch.device, log) -> dict[str, Any]:
+def run(p: Plan, device: torch.device, log, save) -> dict[str, Any]:
+    """The whole experiment; ``save(result)`` is called after every evaluated model (partial results survive a
+    time-out), longest length first."""
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -548,7 +550,8 @@ def run(p: Plan, device: torch.device, log) -> dict[str, Any]:
             times = calibrate(bench, log)
             p.base_steps, p.ft_steps = choose_steps(p, times, time.perf_counter() - _T0, log)
         result: dict[str, Any] = {"plan": dataclasses.asdict(p), "env": env, "calibration": times, "runs": [],
-                                  "baselines": {}}
+                                  "baselines": {}, "detector_error_on_truth": {}, "skipped": [], "failed": [], "partial": True,
+                                  "samples": bench.samples}
         # 1. the base model, dense, at F
         F0 = p.base_frames
         model, params, router = bench.new_model(None, "base", "dense")
@@ -572,46 +575,74 @@ def run(p: Plan, device: torch.device, log) -> dict[str, Any]:
             f"{base_row['loss']:.4f}, continuation pos. err {base_row['pos_err']:.3f} (static "
             f"{result['baselines'][str(F0)]['pos_err']:.3f}), PSNR {base_row['psnr']:.2f}")
         del model, params
-        # 2. every length: no fine-tune, then fine-tunes
+        save(result)
+        # 2. every length, longest first: no fine-tune, then the fine-tunes
         curve_every = max(1, p.ft_steps // p.curve_points)
-        for length in p.lengths:
+        deadline = None if p.minutes is None else p.minutes * 60.0 + 60.0
+        for length in sorted(p.lengths, reverse=True):
             result["baselines"][str(length)] = bench.static_baseline(length, F0)
-            result.setdefault("detector_error_on_truth", {})[str(length)] = bench.truth_check(length)
+            result["detector_error_on_truth"][str(length)] = bench.truth_check(length)
             for attention in ATTENTIONS:
-                model, _, router = bench.new_model(state, "eval", attention)
-                losses = bench.eval_loss(model, length, p.eval_clips, p.eval_sigmas)
-                row = {"name": f"no-FT {attention}", "length": length, "attention": attention, "mode": "none",
-                       "steps": 0, "train_s": 0.0, "step_ms": float("nan"), "loss": _mean(losses),
-                       "loss_per_sigma": losses, **bench.continuation(model, router, length, F0, f"no-FT {attention}")}
-                row["density"] = float(router.density())
-                row["attn_tflop_step"] = float("nan")
-                result["runs"].append(row)
-                log(_row_line(row))
-                del model
+                _attempt(result, log, f"{length}f no-FT {attention}", lambda: no_finetune_row(bench, state, length, attention))
             for mode in MODES:
                 for attention in ATTENTIONS:
-                    model, params, router = bench.new_model(state, mode, attention)
                     label = f"{length}f {attention} {mode}"
-                    lr = p.lr_lora if mode == "lora" else p.lr_full
-                    rl = bench.train_run(model, params, router, length=length, steps=p.ft_steps, lr=lr, batch=p.batch,
-                                         curve_every=curve_every, label=label)
-                    density = statistics.mean(rl.densities) if rl.densities else 1.0
-                    losses = bench.eval_loss(model, length, p.eval_clips, p.eval_sigmas)
-                    row = {
-                        "name": f"FT {attention} {mode}", "length": length, "attention": attention, "mode": mode,
-                        "steps": len(rl.losses), "train_s": sum(rl.step_s), "step_ms": 1e3 * rl.step_time(),
-                        "density": density, "attn_tflop_step": attention_row(bench, length, density, p.batch) / 1e12,
-                        "loss": _mean(losses), "loss_per_sigma": losses, "diverged": rl.diverged,
-                        "train_loss_first": statistics.mean(rl.losses[:5]), "train_loss_last": statistics.mean(rl.losses[-5:]),
-                        "curve": rl.curve, "trainable_params": sum(q.numel() for q in params),
-                        **bench.continuation(model, router, length, F0, label=f"{attention} {mode}"),
-                    }
-                    result["runs"].append(row)
-                    log(_row_line(row))
-                    del model, params
+                    if deadline is not None and time.perf_counter() - _T0 > deadline:
+                        log(f"  {label}: skipped, past the --minutes budget")
+                        result["skipped"].append(label)
+                        continue
+                    _attempt(result, log, label, lambda: finetune_row(bench, state, length, attention, mode, curve_every))
+                    save(result)
         result["total_s"] = time.perf_counter() - _T0
-        result["samples"] = bench.samples  # popped before results.json is written
+        result["partial"] = False
         return result
+
+
+def no_finetune_row(bench: Bench, state: dict, length: int, attention: str) -> dict[str, Any]:
+    p = bench.p
+    model, _, router = bench.new_model(state, "eval", attention)
+    losses = bench.eval_loss(model, length, p.eval_clips, p.eval_sigmas)
+    row = {"name": f"no-FT {attention}", "length": length, "attention": attention, "mode": "none", "steps": 0,
+           "train_s": 0.0, "step_ms": float("nan"), "loss": _mean(losses), "loss_per_sigma": losses,
+           **bench.continuation(model, router, length, p.base_frames, f"no-FT {attention}")}
+    row["density"] = float(router.density())
+    row["attn_tflop_step"] = float("nan")
+    return row
+
+
+def finetune_row(bench: Bench, state: dict, length: int, attention: str, mode: str, curve_every: int) -> dict[str, Any]:
+    p = bench.p
+    model, params, router = bench.new_model(state, mode, attention)
+    lr = p.lr_lora if mode == "lora" else p.lr_full
+    rl = bench.train_run(model, params, router, length=length, steps=p.ft_steps, lr=lr, batch=p.batch,
+                         curve_every=curve_every, label=f"{length}f {attention} {mode}")
+    density = statistics.mean(rl.densities) if rl.densities else 1.0
+    losses = bench.eval_loss(model, length, p.eval_clips, p.eval_sigmas)
+    return {
+        "name": f"FT {attention} {mode}", "length": length, "attention": attention, "mode": mode,
+        "steps": len(rl.losses), "train_s": sum(rl.step_s), "step_ms": 1e3 * rl.step_time(), "density": density,
+        "attn_tflop_step": attention_row(bench, length, density, p.batch) / 1e12, "loss": _mean(losses),
+        "loss_per_sigma": losses, "diverged": rl.diverged, "train_loss_first": statistics.mean(rl.losses[:5]),
+        "train_loss_last": statistics.mean(rl.losses[-5:]), "curve": rl.curve,
+        "trainable_params": sum(q.numel() for q in params),
+        **bench.continuation(model, router, length, p.base_frames, label=f"{attention} {mode}"),
+    }
+
+
+def _attempt(result: dict[str, Any], log, label: str, make_row) -> None:
+    """One evaluated model; a failure (say an out-of-memory or a kernel error) is recorded and the benchmark goes on
+    with the other runs rather than losing them all."""
+    try:
+        row = make_row()
+    except Exception as err:  # noqa: BLE001 - recorded in results.json / results.md and printed
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        log(f"  {label}: FAILED - {message}")
+        result["failed"].append({"run": label, "error": message})
+        return
+    result["runs"].append(row)
+    log(_row_line(row))
 
 
 def _mean(values: dict[float, float]) -> float:
@@ -634,7 +665,10 @@ def render_markdown(result: dict[str, Any], command: str) -> str:
     lines = [
         "# Length-extension quality (issue 15)", "",
         f"{env['device']}; torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}; {env['date']}; "
-        f"{result['total_s']:.0f} s end to end.", "",
+        + (f"{result['total_s']:.0f} s end to end." if not result.get("partial") else
+           "**partial results** (the run was still going or was stopped).")
+        + (f" Skipped past the budget: {', '.join(result['skipped'])}." if result.get("skipped") else "")
+        + "".join(f" **{f['run']} failed**: {f['error']}." for f in result.get("failed", [])), "",
         f"`{command}`", "",
         f"Model: `WanTransformer3DModel`, {p['layers']} layers, {p['heads']} heads x {p['head_dim']}, ffn "
         f"{p['ffn_dim']}, pixel latent {p['size']}x{p['size']} folded {p['factor']}x{p['factor']} "
@@ -652,8 +686,10 @@ def render_markdown(result: dict[str, Any], command: str) -> str:
         "position error in frame widths (mean over generated frames; `last` = final frame), PSNR dB / SSIM over "
         "generated frames. Attention TFLOP per training step: 4·B·H·N²·D·density·layers × 3.5.",
     ]
-    for length in [p["base_frames"] * m for m in p["multipliers"]]:
+    for length in sorted((p["base_frames"] * m for m in p["multipliers"]), reverse=True):
         rows = [r for r in result["runs"] if r["length"] == length]
+        if not rows:
+            continue
         dense_ft = {r["mode"]: r for r in rows if r["attention"] == "dense" and r["mode"] in MODES}
         dense_noft = next((r for r in rows if r["mode"] == "none" and r["attention"] == "dense"), None)
         table = []
@@ -705,8 +741,9 @@ def write_plot(result: dict[str, Any], path: Path) -> Optional[str]:
                                             f"({result['env']['device']})")
 
 
-def write_outputs(out: Path, result: dict[str, Any], command: str) -> list[str]:
-    """results.json, results.md and the plot, each written to a temporary name then renamed."""
+def write_outputs(out: Path, result: dict[str, Any], command: str, *, final: bool = True) -> list[str]:
+    """results.json and results.md (and, when ``final``, the plot and the sample grids), each written to a
+    temporary name then renamed: a run stopped at any point leaves complete files of what was done."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -716,9 +753,11 @@ def write_outputs(out: Path, result: dict[str, Any], command: str) -> list[str]:
         os.replace(tmp, out / name)
         written.append(name)
 
-    samples = result.pop("samples", {})
-    put("results.json", json.dumps(result, indent=1, default=float) + "\n")
+    samples = result.get("samples", {})
+    put("results.json", json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1, default=float) + "\n")
     put("results.md", render_markdown(result, command))
+    if not final:
+        return written
     tmp = out / ".loss_vs_wallclock.png.tmp.png"
     backend = write_plot(result, tmp)
     if backend is None:
@@ -788,7 +827,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     log(f"plan: F={plan.base_frames}, lengths {plan.lengths}, {plan.tokens_per_frame} tokens/frame "
         f"({plan.longest * plan.tokens_per_frame} at {plan.longest} frames), device {device}")
-    result = run(plan, device, log)
+    result = run(plan, device, log, lambda partial: write_outputs(out, partial, command, final=False))
     written = write_outputs(out, result, command)
     print(render_markdown(result, command), flush=True)
     log(f"wrote {', '.join(written)} to {out}")

@@ -98,6 +98,19 @@ def test_minutes_budget_picks_steps_that_fit():
         choose_steps(Plan(**{**PRESETS["default"], "minutes": 1.0}), times, 59.0, lambda _: None)
 
 
+def test_a_failing_run_is_recorded_and_the_others_go_on():
+    from benchmarks.extension_quality import _attempt
+
+    result, lines = {"runs": [], "failed": []}, []
+
+    def boom():
+        raise RuntimeError("Triton compile failed\nlong trace")
+
+    _attempt(result, lines.append, "32f radial full", boom)
+    assert result["failed"] == [{"run": "32f radial full", "error": "RuntimeError: Triton compile failed"}]
+    assert result["runs"] == [] and "FAILED" in lines[0]
+
+
 def _run(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -107,6 +120,7 @@ def test_tiny_mode_runs_every_method_and_writes_table_plot_json(tmp_path):
     proc = _run("--tiny", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
+    assert result["failed"] == [] and result["skipped"] == [] and result["partial"] is False
     plan = result["plan"]
     lengths = [plan["base_frames"] * m for m in plan["multipliers"]]
     assert lengths == [4, 8]
