@@ -104,6 +104,7 @@ class Plan:
     top_p: float
     dense_layers: int
     shift: float
+    cond_prob: float  # share of training samples whose first frames are given clean (continuation)
     seed: int
     minutes: Optional[float]  # budget for the whole command; None: the step counts above are used as given
     base_share: float  # share of the training time given to the base model when --minutes picks the steps
@@ -129,7 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         curve_clips=4, curve_points=8, base_steps=3000, ft_steps=400, base_lr=5e-4, lr_full=1e-4, lr_lora=1e-3,
         lora_rank=32, warmup_steps=50, eval_sigmas=(0.1, 0.3, 0.5, 0.7, 0.9), sample_steps=24,
         sample_dense_steps=0, block_size=64, decay_factor=1.0, num_q_clusters=16, num_k_clusters=64, top_p=0.9,
-        dense_layers=0, shift=1.0, seed=0, minutes=14.0, base_share=0.4,
+        dense_layers=0, shift=1.0, cond_prob=0.5, seed=0, minutes=14.0, base_share=0.4,
     ),
     # CPU smoke test: every path runs (torch backends), numbers mean nothing.
     "tiny": dict(
@@ -138,7 +139,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         curve_clips=2, curve_points=2, base_steps=12, ft_steps=3, base_lr=1e-3, lr_full=1e-4, lr_lora=1e-3,
         lora_rank=4, warmup_steps=2, eval_sigmas=(0.3, 0.7), sample_steps=3, sample_dense_steps=0,
         block_size=16, decay_factor=1.0, num_q_clusters=4, num_k_clusters=8, top_p=0.9, dense_layers=0,
-        shift=1.0, seed=0, minutes=None, base_share=0.4,
+        shift=1.0, cond_prob=0.5, seed=0, minutes=None, base_share=0.4,
     ),
 }
 
@@ -148,7 +149,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     for name in ("size", "factor", "base_frames", "layers", "heads", "head_dim", "ffn_dim", "batch", "base_batch",
                  "train_clips", "eval_clips", "sample_clips", "base_steps", "ft_steps", "sample_steps",
                  "block_size", "lora_rank", "seed", "minutes", "lr_full", "lr_lora", "base_lr", "dense_layers",
-                 "decay_factor", "num_q_clusters", "num_k_clusters", "top_p", "shift", "sample_dense_steps"):
+                 "decay_factor", "num_q_clusters", "num_k_clusters", "top_p", "shift", "sample_dense_steps",
+                 "cond_prob"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
@@ -176,6 +178,7 @@ def _check_plan(p: Plan) -> None:
     need(p.minutes is None or p.minutes > 0, f"--minutes must be > 0, got {p.minutes}")
     need(p.heads * p.head_dim >= 16, "--heads x --head-dim must be >= 16")
     need(0 < p.top_p <= 1, f"--top-p must be in (0, 1], got {p.top_p}")
+    need(0 <= p.cond_prob <= 1, f"--cond-prob must be in [0, 1], got {p.cond_prob}")
     for name in ("base_steps", "ft_steps", "sample_steps", "batch", "base_batch", "train_clips", "layers", "heads",
                  "lora_rank", "num_q_clusters", "num_k_clusters"):
         need(getattr(p, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(p, name)}")
@@ -359,11 +362,18 @@ class Bench:
             latents, cond = self.batch(length, batch, gen)
             noise = torch.randn(latents.shape, generator=gen).to(self.device)
             sigmas = self.adapter.sample_sigmas(batch, gen, torch.device("cpu")).to(self.device)
+            with_prefix = torch.rand(batch, generator=gen) < p.cond_prob
+            prefix = (torch.randint(1, length // 2 + 1, (batch,), generator=gen) * with_prefix).to(self.device)
             self.sync()
             t0 = time.perf_counter()
             noisy, timesteps, target = self.adapter.training_pair(latents, noise, sigmas)
-            pred = self.predict(model, noisy, timesteps, cond)
-            loss = F.mse_loss(pred.float(), target.float())
+            if p.cond_prob > 0:
+                noisy, timesteps, keep = self.clean_prefix(latents, noisy, timesteps, prefix)
+                pred = self.predict(model, noisy, timesteps, cond)
+                loss = ((pred.float() - target.float()) ** 2 * keep).sum() / (keep.sum() * target[0, :, 0].numel())
+            else:
+                pred = self.predict(model, noisy, timesteps, cond)
+                loss = F.mse_loss(pred.float(), target.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -386,6 +396,18 @@ class Bench:
                 model.train()
         model.eval()
         return out
+
+    def clean_prefix(self, latents: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
+                     prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Wan2.2-TI2V-style conditioning: the first ``prefix[b]`` frames of sample b are clean with timestep 0
+        (per-token timesteps ``[B, N]``, which ``WanTransformer3DModel`` accepts); returns the new noisy latents,
+        the per-token timesteps and the ``[B, 1, T, 1, 1]`` mask of the frames the loss counts."""
+        frames = torch.arange(latents.shape[2], device=latents.device)
+        clean = frames[None, :] < prefix[:, None]  # [B, T]
+        noisy = torch.where(clean[:, None, :, None, None], latents.to(noisy.dtype), noisy)
+        per_frame = torch.where(clean, torch.zeros_like(timesteps)[:, None], timesteps[:, None].expand_as(clean))
+        per_token = per_frame.repeat_interleave(self.p.tokens_per_frame, dim=1)
+        return noisy, per_token, (~clean)[:, None, :, None, None].float()
 
     # -- evaluation ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -429,11 +451,17 @@ class Bench:
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=p.shift)
             sched.set_timesteps(p.sample_steps, device=self.device)
             x = noise.clone()
+            prefix = torch.full((x.shape[0],), c, device=self.device)
             for k, t in enumerate(sched.timesteps):
                 s = float(sched.sigmas[k])
-                x[:, :, :c] = (1.0 - s) * x0[:, :, :c] + s * noise[:, :, :c]
+                timesteps = t.expand(x.shape[0]).float()
+                if p.cond_prob > 0:  # the given frames clean, at timestep 0 (as trained)
+                    x[:, :, :c] = x0[:, :, :c]
+                    _, timesteps, _ = self.clean_prefix(x0, x, timesteps, prefix)
+                else:  # replacement: the given frames noised to this step's level
+                    x[:, :, :c] = (1.0 - s) * x0[:, :, :c] + s * noise[:, :, :c]
                 with router.dense_override(k < p.sample_dense_steps):
-                    v = self.predict(model, x, t.expand(x.shape[0]).float(), cond)
+                    v = self.predict(model, x, timesteps, cond)
                 x = sched.step(v, t, x, return_dict=False)[0]
             x[:, :, :c] = x0[:, :, :c]
             frames.append(self.latent.decode(x))
@@ -793,7 +821,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       ("eval-clips", int), ("sample-clips", int), ("sample-steps", int), ("block-size", int),
                       ("lora-rank", int), ("seed", int), ("lr-full", float), ("lr-lora", float), ("base-lr", float),
                       ("dense-layers", int), ("decay-factor", float), ("num-q-clusters", int),
-                      ("num-k-clusters", int), ("top-p", float), ("shift", float), ("sample-dense-steps", int)):
+                      ("num-k-clusters", int), ("top-p", float), ("shift", float), ("sample-dense-steps", int),
+                      ("cond-prob", float)):
         ap.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
     ap.add_argument("--multipliers", type=int, nargs="+", help="extended lengths as multiples of F (default 2 4)")
     ap.add_argument("--threads", type=int, help="CPU threads of torch (default: 1 with --tiny, else torch's)")
