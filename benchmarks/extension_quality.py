@@ -11,10 +11,14 @@ A controlled experiment that needs no downloads:
    SVG2).
 3. **Measures** on held-out scenes at the extended length: the flow-matching loss at fixed noise levels and
    fixed noise; and *continuation*: given the first F frames of a held-out clip, generate the rest (Euler
-   sampler, ``FlowMatchEulerDiscreteScheduler``, known frames re-noised to each step's level), decode it and
-   compare with the scene's ground truth - the object's position error per frame (its centre is known from the
-   scene's parameters), PSNR and SSIM. Plus each run's step time and self-attention FLOPs
-   (``4 B H N^2 D x density``, x 3.5 for forward + backward).
+   sampler, ``FlowMatchEulerDiscreteScheduler``), decode it and compare with the scene's ground truth - the
+   object's position error per frame (its centre is known from the scene's parameters), PSNR and SSIM. Plus
+   each run's step time and self-attention FLOPs (``4 B H N^2 D x density``, x 3.5 for forward + backward).
+
+Continuation needs a model that can take given frames: half of the training samples have their first k frames
+clean at timestep 0 (per-token timesteps, the Wan2.2-TI2V conditioning ``WanTransformer3DModel`` supports; loss
+on the other frames only); the other half is the trainer's text-to-video objective. ``--cond-prob 0`` trains
+text-to-video only and continues by replacement (given frames re-noised to each step's level).
 
 Attention goes through exactly what training uses: ``WanAdapter.install_attention`` -> ``WanSparseAttnProcessor``
 -> ``AttentionRouter`` (dense SDPA, our Triton radial kernels, SVG2), bf16 autocast and backend ``auto`` on CUDA.
@@ -606,7 +610,7 @@ def run(p: Plan, device: torch.device, log, save) -> dict[str, Any]:
         save(result)
         # 2. every length, longest first: no fine-tune, then the fine-tunes
         curve_every = max(1, p.ft_steps // p.curve_points)
-        deadline = None if p.minutes is None else p.minutes * 60.0 + 60.0
+        deadline = None if p.minutes is None else p.minutes * 60.0  # start no run past the budget
         for length in sorted(p.lengths, reverse=True):
             result["baselines"][str(length)] = bench.static_baseline(length, F0)
             result["detector_error_on_truth"][str(length)] = bench.truth_check(length)
