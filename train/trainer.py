@@ -260,6 +260,9 @@ class Trainer:
             timestep_sampling=cfg.train.timestep_sampling,
         )
         base_geometry = self._geometry(adapter, cfg.data.frames, cfg.data.height, cfg.data.width)
+        from train.memory_fit import check_before_loading
+
+        check_before_loading(cfg, adapter, self.accelerator)  # one line, before any weight is loaded
         dataset, _ = self._build_data(adapter)
         transformer, params = self._build_model(adapter)
         optimizer, scheduler = self._build_optimizer(params)
