@@ -77,6 +77,8 @@ train() {
   local multi=(--num_machines "$nodes" --machine_rank "$rank" --num_processes $((gpus * nodes)))
   if [ "$nodes" -gt 1 ]; then multi+=(--main_process_ip "$addr" --main_process_port "$port")
   elif [ "$gpus" -gt 1 ] || [ -n "$zero" ]; then multi+=(--main_process_port "$port"); fi
+  # torchrun sets OMP_NUM_THREADS=1 for several processes per node anyway, with a banner; set it quietly instead
+  if [ "$gpus" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then export OMP_NUM_THREADS=1; fi
   setup
   exec "$VENV/bin/python" train/launcher.py --config_file "$acfg" "${multi[@]}" \
     train/finetune.py --config "$recipe" ${rest[@]+"${rest[@]}"}
