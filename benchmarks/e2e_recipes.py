@@ -3,7 +3,7 @@
 Per row: a pipeline folder with the family's real transformer and VAE architectures (random weights) and text
 encoders of the real output width but tiny depth (offline tokenizers); synthetic mp4 clips at the recipe's
 resolution and length; then, through the README's launcher with the shipped accelerate / DeepSpeed files,
-latent cache -> 2 training steps (checkpoint after each) -> resume from the step-1 checkpoint (step 2 again,
+latent cache -> 2 training steps (a checkpoint after step 1, final/ after step 2) -> resume from the step-1 checkpoint (step 2 again,
 its loss compared) -> ``train/export.py`` -> the exported LoRA loaded into the family's diffusers pipeline.
 Each phase is idempotent and the work folder (``runs/e2e`` by default, ignored by git) persists between calls,
 so a row can be run phase by phase within a 10-minute limit per call. The table row (step time, peak memory of
@@ -98,7 +98,7 @@ def build_pipeline(model_key: str, out: Path, tiny: bool) -> None:
     tiny = pipe_cls.from_pretrained(str(scratch))
     parts = dict(tiny.components)
     torch.manual_seed(0)
-    with torch.device("cuda"):  # a CPU init of 10B+ parameters takes many minutes
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a CPU init of 10B+ parameters takes minutes
         parts["transformer"] = diffusers_class(adapter_cls.transformer_class)(**transformer_cfg).to(torch.bfloat16)
         parts["vae"] = diffusers_class(adapter_cls.vae_class)()  # class defaults = the release's VAE
         parts.update(_wide_text_encoders(family, parts))
@@ -192,9 +192,8 @@ class RowRun:
     def resume(self) -> None:
         if (self.run_dir / "resumed_metrics.jsonl").is_file():
             return
-        ckpts = sorted((self.run_dir / "checkpoints").glob("checkpoint-*"))
-        assert [c.name for c in ckpts][-2:] == ["checkpoint-000001", "checkpoint-000002"], ckpts
-        shutil.rmtree(ckpts[-1])  # as if the run had stopped after step 1's checkpoint
+        ckpts = sorted(c.name for c in (self.run_dir / "checkpoints").glob("checkpoint-*"))
+        assert ckpts[-1:] == ["checkpoint-000001"], ckpts  # the last step writes final/, not a checkpoint
         (self.run_dir / "metrics.jsonl").unlink()
         self.launch("train.resume_from=latest")
         shutil.copy(self.run_dir / "metrics.jsonl", self.run_dir / "resumed_metrics.jsonl")
@@ -217,7 +216,9 @@ def load_exported_lora(family: str, model_dir: Path, export_dir: Path) -> dict:
     from train.models import get_adapter
     from train.models.common import diffusers_class
 
-    pipe = diffusers_class(get_adapter(family).pipeline_class).from_pretrained(str(model_dir), torch_dtype=torch.bfloat16)
+    from train.models.common import dtype_kwarg
+
+    pipe = diffusers_class(get_adapter(family).pipeline_class).from_pretrained(str(model_dir), **dtype_kwarg(torch.bfloat16))
     pipe.load_lora_weights(str(export_dir), adapter_name="e2e")
     state = load_file(str(export_dir / "pytorch_lora_weights.safetensors"))
     loaded = {n: p for n, p in pipe.transformer.named_parameters() if ".e2e." in n or n.endswith(".e2e.weight")}
@@ -260,7 +261,8 @@ def table_row(run: RowRun, loaded: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="", help="comma-separated row names (see --list)")
-    p.add_argument("--phase", default="all", choices=("all", *PHASES), help="run one phase (each is idempotent)")
+    p.add_argument("--phase", default="all", help=f"all, or comma-separated phases of {', '.join(PHASES)} "
+                   "(each is idempotent)")
     p.add_argument("--work", default=str(ROOT / "runs" / "e2e"), help="models, clips, caches, runs, exports")
     p.add_argument("--out", default=None, help="markdown table file to append the row to (after export)")
     p.add_argument("--tiny", action="store_true", help="tiny models and clips (CPU): the same phases, small")
@@ -277,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     if not names or unknown:
         print(f"error: --rows takes names from {', '.join(ROWS)}; got {args.rows!r}", file=sys.stderr)
         return 2
-    phases = PHASES if args.phase == "all" else (args.phase,)
+    phases = PHASES if args.phase == "all" else tuple(x for x in args.phase.split(",") if x)
+    if not phases or any(x not in PHASES for x in phases):
+        print(f"error: --phase takes all or phases from {', '.join(PHASES)}; got {args.phase!r}", file=sys.stderr)
+        return 2
     for name in names:
         run = RowRun(ROWS[name], Path(args.work).resolve(), args.tiny, args.port)
         loaded = None

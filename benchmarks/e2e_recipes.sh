@@ -4,12 +4,12 @@
 # sees them, then runs the rows. The work folder runs/e2e persists while the machine stays warm, so a long row can
 # be run one phase per call:
 #   bash benchmarks/e2e_recipes.sh wan13b-321f-1gpu                 # all phases of one row
-#   bash benchmarks/e2e_recipes.sh wan14b-720p-161f-z3-2gpu build   # build | train | resume | export
+#   bash benchmarks/e2e_recipes.sh wan14b-720p-161f-z3-2gpu build   # build, train, resume, export (comma-separated)
 # The table row is appended to $OUT/e2e.md (and runs/e2e/e2e.md) after the export phase.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-rows=${1:?usage: bash benchmarks/e2e_recipes.sh ROW[,ROW...] [build|train|resume|export|all]}
+rows=${1:?usage: bash benchmarks/e2e_recipes.sh ROW[,ROW...] [all|build,train,resume,export]}
 phase=${2:-all}
 if [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
