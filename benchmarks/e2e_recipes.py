@@ -253,7 +253,7 @@ def table_row(run: RowRun, loaded: dict | None) -> str:
     launch = f"--gpus {row.gpus}" + (f" --zero {row.zero}" if row.zero else "") + (f", SP {row.sp}" if row.sp > 1 else "")
     exp = "-" if loaded is None else (f"ok ({loaded['loaded']}/{loaded['lora_tensors']} tensors)" if loaded["ok"]
                                       else f"FAILED ({loaded['loaded']}/{loaded['lora_tensors']})")
-    loss_text = ", ".join(f"{x:.4f}" for x in losses) + (" finite" if finite else " NOT FINITE")
+    loss_text = (", ".join(f"{x:.4f}" for x in losses) + (" finite" if finite else " NOT FINITE")) if losses else "-"
     name = row.name + (" (tiny)" if run.tiny else "")
     return f"| {name} | `{Path(row.recipe).name}` | {row.gpus} | {launch} | {step} | {peak} | {loss_text} | {res} | {exp} |\n"
 
