@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel, MochiTransformer3DModel, WanTransformer3DModel
@@ -68,3 +70,30 @@ def test_other_families_default_configs_are_their_real_sizes(cls: type, low: flo
     assert low < counts.total < high
     with pytest.raises(UserError, match="cannot fit"):  # full fine-tuning of a 10B+ model on one GPU: never
         check_fit(counts, mode="full", mixed_precision="bf16", zero_stage=0, world_size=1, gpu_bytes=H200)
+
+
+def test_trainer_hook_reads_the_model_config_and_the_launch(tmp_path, monkeypatch, capsys) -> None:
+    """check_before_loading as the trainer calls it, with the CUDA device faked (a CPU machine has none):
+    it needs only config.json, stops on a too-small GPU and prints the bound on one that fits."""
+    from types import SimpleNamespace
+
+    from train.config import load_config
+    from train.memory_fit import check_before_loading
+
+    model = get_adapter("wan").save_tiny_random(str(tmp_path / "tiny"), seed=0)
+    for name in ("diffusion_pytorch_model.safetensors",):  # no weights are read
+        for f in (tmp_path / "tiny" / "transformer").glob(name):
+            f.unlink()
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml",
+                      [f"model.pretrained={model}", "train.mode=full"])
+    adapter = get_adapter("wan")(model, dtype=torch.float32)
+    accel = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None), num_processes=1, device=torch.device("cpu"),
+                            is_main_process=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    props = SimpleNamespace(total_memory=10_000, name="Tiny GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    with pytest.raises(UserError, match="cannot fit.*Tiny GPU"):
+        check_before_loading(cfg, adapter, accel)
+    props.total_memory = 10**12
+    check_before_loading(cfg, adapter, accel)
+    assert "memory: >= 0.0 GB per GPU for weights, gradients and optimizer states" in capsys.readouterr().out
