@@ -300,6 +300,9 @@ class Trainer:
         )
         base_geometry = self._geometry(adapter, cfg.data.frames, cfg.data.height, cfg.data.width)
         plan = self._check_recipe(adapter)  # nothing in the run folder is written before this passed
+        from train.memory_fit import check_before_loading
+
+        check_before_loading(cfg, adapter, self.accelerator)  # one line, before any weight is loaded
         dataset, _ = self._build_data(adapter)
         self._prepare_run_dir(plan)
         transformer, params = self._build_model(adapter)
@@ -308,9 +311,11 @@ class Trainer:
         ema = self._make_ema(params)
 
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None:  # our loader is sharded by hand, so DeepSpeed can't read the micro-batch from it
-            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-            plugin.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm  # "auto" would mean 1.0
+        if plugin is not None:  # what accelerate cannot fill: micro-batch, clipping, ZeRO-3 buckets (diffusers width)
+            from train.deepspeed_config import fill_auto_values
+
+            fill_auto_values(plugin.deepspeed_config, transformer, micro_batch=cfg.train.batch_size,
+                             max_grad_norm=cfg.train.max_grad_norm)
         transformer, optimizer, scheduler = self.accelerator.prepare(transformer, optimizer, scheduler)
         if ema is not None:
             ema.to(self.device)
