@@ -130,6 +130,11 @@ def _resolve_backend(backend: str, q: torch.Tensor, block_size: int, determinist
         if not deterministic and fa4.unsupported_reason(q, block_size) is None:
             return "fa4"
         return "triton" if _triton_reason(q, block_size) is None else "torch"
+    if backend == "fa4" and deterministic:
+        # measured on an H200 with flash-attn-4 4.0.0b36: its block-sparse backward asserts
+        # "Deterministic not implemented for block-sparse backward"
+        raise ValueError("backend='fa4' has no deterministic block-sparse backward (FlashAttention-4 accumulates dQ "
+                         "with atomics); use backend='triton' or 'auto' for bit-reproducible gradients")
     if backend in ("fa4", "triton"):
         reason = fa4.unsupported_reason(q, block_size) if backend == "fa4" else _triton_reason(q, block_size)
         if reason is not None:
@@ -167,8 +172,8 @@ def block_sparse_attention(
         layout: ``"bhnd"`` (q/k/v/out are ``[B, H, N, D]``) or ``"bnhd"`` (``[B, N, H, D]``, as diffusers'
             processors hold them before their transpose): no copy either way.
         deterministic: bit-reproducible gradients (``None`` = ``torch.are_deterministic_algorithms_enabled()``):
-            ``auto`` then never picks FA4 (its SM90 dQ accumulates with atomics; Triton's dQ pass does not);
-            an explicit ``backend="fa4"`` runs FA4's slower semaphore-ordered deterministic backward.
+            ``auto`` then never picks FA4 (its SM90 dQ accumulates with atomics; Triton's dQ pass does not),
+            and an explicit ``backend="fa4"`` is refused (FA4 has no deterministic block-sparse backward).
 
     Runs as the custom op ``sparse_attn::block_sparse_fwd`` (see :mod:`sparse_attn.ops`): ``torch.compile``
     does not break its graph here, and ``ops.CHECKPOINT_SAVE_OPS`` names it for selective checkpointing.
