@@ -100,7 +100,7 @@ EXCLUDED = {
     "$NODE_RANK --main-addr $MAIN_HOST": "several GPU nodes; " + GPU_OR_HUB,
     'python train/sample.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora exports/<name> --prompt "..." --frames 321 '
     "--height 480 --width 832 --attention radial --dense-steps 2 --dense-layers 1 --out video.mp4": GPU_OR_HUB,
-    'python train/sample.py --model <hub id | folder> [--lora <export dir>] --prompt "..." --frames 321 --height 480 '
+    'python train/sample.py --model <hub id | folder> [--lora <LoRA>] --prompt "..." --frames 321 --height 480 '
     "--width 832 --attention radial|svg2|dense [--dense-steps N --dense-layers M] [--steps S] [--guidance-scale G] "
     "[--seed S] --out video.mp4": "321 frames at 480x832 is a GPU job; its concrete quickstart instance runs here",
     "export MAIN=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)": "Slurm, several GPU nodes",
