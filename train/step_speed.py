@@ -212,13 +212,22 @@ def configure(
     return done
 
 
-def configure_for_trainer(transformer: nn.Module, train_cfg: Any, adapter: Any, accelerator: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    """:func:`configure` from the recipe's ``train`` section and the run's accelerator (device, ZeRO stage)."""
+def configure_for_trainer(transformer: nn.Module, train_cfg: Any, adapter: Any, accelerator: Any,
+                          log: Callable[[str], None], *, sequence_parallel_size: int = 1) -> dict[str, Any]:
+    """:func:`configure` from the recipe's ``train`` section and the run's accelerator (device, ZeRO stage).
+
+    Under sequence parallelism ``save_attention`` falls back to ``full``: the all-gathers inside a checkpointed
+    block (HunyuanVideo's text heads on gloo) broke selective checkpointing's replay ("aten.cat.out encountered
+    during backward but not found in storage", tests/test_e2e_recipes.py), so SP runs recompute attention."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    policy = train_cfg.checkpoint_policy
+    if train_cfg.gradient_checkpointing and policy == "save_attention" and sequence_parallel_size > 1:
+        log("train.checkpoint_policy: save_attention is not used with sequence parallelism; using full")
+        policy = "full"
     return configure(
         transformer,
         gradient_checkpointing=train_cfg.gradient_checkpointing,
-        checkpoint_policy=train_cfg.checkpoint_policy,
+        checkpoint_policy=policy,
         compile=train_cfg.compile,
         device=accelerator.device,
         fallback_blocks=getattr(adapter, "repeated_blocks", ()),

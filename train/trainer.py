@@ -212,7 +212,8 @@ class Trainer:
             transformer.requires_grad_(True)
         from train import step_speed  # gradient checkpointing (and its policy), regional compilation
 
-        self.step_speed = step_speed.configure_for_trainer(transformer, cfg.train, adapter, self.accelerator, self._print)
+        self.step_speed = step_speed.configure_for_trainer(transformer, cfg.train, adapter, self.accelerator, self._print,
+                                                           sequence_parallel_size=cfg.parallel.sequence_parallel_size)
         params = [p for p in transformer.parameters() if p.requires_grad]
         if not params:
             raise UserError(f"no trainable parameters: lora.target_modules {cfg.lora.target_modules} matched no module")
