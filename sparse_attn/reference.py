@@ -1,9 +1,9 @@
 """Pure-PyTorch block-sparse attention: the CPU path and the second oracle for the Triton kernels.
 
 Never materialises the N x N score matrix: query blocks are processed in chunks, and each chunk gathers
-only its kept key/value blocks (``[rows, max kept blocks, block, D]``) before a masked softmax.  Autograd
-does the backward; with more than one chunk each chunk is checkpointed, so memory stays at one chunk's
-scores instead of the whole sparse score matrix.
+only its kept key/value blocks (``[rows, max kept blocks, block, D]``) before a masked softmax.  The forward
+returns the log-sum-exp and the backward is explicit (it runs inside the ``sparse_attn`` custom ops, where
+autograd cannot), so memory stays at one chunk's scores instead of the whole sparse score matrix.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-__all__ = ["block_sparse_attention_reference"]
+__all__ = ["block_sparse_forward_torch", "block_sparse_backward_torch"]
 
 # Elements of one chunk's score tensor (fp32: 4 bytes each); bounds the working memory of the torch path.
 _CHUNK_ELEMENTS = 1 << 25
@@ -27,92 +26,6 @@ def _blocked(x: torch.Tensor, n_pad: int, block_size: int, dtype: torch.dtype) -
     if n_pad != n:
         x = F.pad(x, (0, 0, 0, n_pad - n))
     return x.reshape(b, h, n_pad // block_size, block_size, d)
-
-
-def _chunk_attention(
-    q_chunk: torch.Tensor,  # [B, H, R, bs, D]
-    k_blocks: torch.Tensor,  # [B, H, Nb, bs, D]
-    v_blocks: torch.Tensor,  # [B, H, Nb, bs, D]
-    mask_chunk: torch.Tensor,  # bool [B, H, R, Nb]
-    key_valid: torch.Tensor,  # bool [B or 1, Nb, bs]
-    scale: float,
-) -> torch.Tensor:
-    b, h, r, bs, d = q_chunk.shape
-    count = mask_chunk.sum(-1)  # [B, H, R]
-    c = int(count.max())
-    if c == 0:
-        return q_chunk.new_zeros(q_chunk.shape)  # no kept block in this chunk: zeros, no gradient
-    # kept blocks first (ascending), then padding slots that blk_ok masks out
-    order = torch.argsort((~mask_chunk).to(torch.uint8), dim=-1, stable=True)[..., :c]  # [B, H, R, c]
-    blk_ok = torch.arange(c, device=order.device) < count[..., None]
-    bi = torch.arange(b, device=order.device).view(b, 1, 1, 1)
-    hi = torch.arange(h, device=order.device).view(1, h, 1, 1)
-    kg = k_blocks[bi, hi, order]  # [B, H, R, c, bs, D]
-    vg = v_blocks[bi, hi, order]
-    kb_sel = bi if key_valid.shape[0] == b else torch.zeros_like(bi)
-    ok = key_valid[kb_sel, order] & blk_ok[..., None]  # [B, H, R, c, bs]
-
-    s = torch.einsum("bhrqd,bhrckd->bhrqck", q_chunk, kg).reshape(b, h, r, bs, c * bs) * scale
-    s = s.masked_fill(~ok.reshape(b, h, r, 1, c * bs), float("-inf"))
-    m = s.amax(dim=-1, keepdim=True).detach()  # cancels in the softmax: no gradient needed through it
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no valid key: exp(-inf) = 0
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    out = torch.einsum("bhrqk,bhrkd->bhrqd", p, vg.reshape(b, h, r, c * bs, d))
-    return out / torch.where(denom == 0, torch.ones_like(denom), denom)
-
-
-def block_sparse_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask: torch.Tensor,
-    *,
-    block_size: int,
-    scale: float,
-    key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Block-sparse attention by gathering kept key blocks; inputs must already be validated.
-
-    ``block_mask`` is bool ``[Bm, Hm, Nb, Nb]`` with ``Bm`` in {1, B} and ``Hm`` in {1, H}.  Computes in
-    fp32 (fp64 for fp64 inputs) and returns the dtype of ``q``.  Query rows without any valid key give 0.
-    """
-    b, h, n, d = q.shape
-    nb = math.ceil(n / block_size)
-    n_pad = nb * block_size
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qb = _blocked(q, n_pad, block_size, dtype)
-    kb = _blocked(k, n_pad, block_size, dtype)
-    vb = _blocked(v, n_pad, block_size, dtype)
-    mask = block_mask.expand(b, h, nb, nb)
-
-    key_valid = torch.arange(n_pad, device=q.device) < n
-    if key_padding_mask is not None:
-        kpm = F.pad(key_padding_mask, (0, n_pad - n), value=False)
-        key_valid = key_valid[None, :] & kpm
-    key_valid = key_valid.reshape(-1, nb, block_size)
-
-    count_max = int(mask.sum(-1).max()) if mask.numel() else 0
-    if count_max == 0:
-        return q * 0  # nothing kept anywhere: zeros that still carry a (zero) gradient to q
-    rows = max(1, _CHUNK_ELEMENTS // (b * h * block_size * block_size * count_max))
-    chunks = [(r0, min(nb, r0 + rows)) for r0 in range(0, nb, rows)]
-    use_checkpoint = len(chunks) > 1 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    outs = []
-    for r0, r1 in chunks:
-        args = (qb[:, :, r0:r1], kb, vb, mask[:, :, r0:r1], key_valid, scale)
-        if use_checkpoint:
-            outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False))
-        else:
-            outs.append(_chunk_attention(*args))
-    out = torch.cat(outs, dim=2).reshape(b, h, n_pad, d)[:, :, :n]
-    return out.to(q.dtype)
-
-
-# ------------------------------------------------------------------------------------ explicit fwd / bwd
-# The custom op (sparse_attn/ops.py) cannot run autograd inside its implementation, so the torch backend also
-# has an explicit forward that returns the log-sum-exp and a backward that uses it (the flash-attention
-# recurrence: P = exp(S - lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = dS K s, dK = dSᵀ Q s).
 
 
 def _prepare(q, k, v, block_mask, block_size, key_padding_mask):
