@@ -96,11 +96,12 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -108,7 +109,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def diff_identity(have: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
     """Lines 'key: cache has X, expected Y' for every key of ``want`` that ``have`` lacks or differs on."""
-    have_f, want_f = _flatten(_jsonable(have)), _flatten(_jsonable(want))
+    have_f, want_f = flatten(_jsonable(have)), flatten(_jsonable(want))
     missing = object()
     lines = []
     for key, value in want_f.items():

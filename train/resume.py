@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from data.cache import flatten
 from train import checkpointing
 from train.config import ConfigError, config_to_dict, load_config
 from train.config_schema import RecipeConfig
@@ -40,16 +41,6 @@ class ResumePlan:
     step: int = 0
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (checkpoint's value, new value)
     notes: list[str] = field(default_factory=list)  # printed by the trainer (fallbacks, "nothing to resume")
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _may_change(key: str) -> bool:
