@@ -171,3 +171,14 @@ def sparse_pipeline(adapter, encoders, geometry):
     pipe = adapter.load_pipeline(transformer=tr, encoders=encoders)
     assert pipe.transformer is tr
     return pipe, router
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():  # autouse in the modules that import it
+    """Each run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

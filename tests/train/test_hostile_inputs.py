@@ -25,18 +25,9 @@ from data.synthetic import write_synthetic_dataset
 from train.cli import run_main
 from train.models import get_adapter
 
+from models_helpers import fresh_accelerate_state  # noqa: F401 (autouse fixture)
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,10 @@ from train.errors import UserError
 from train.models import get_adapter
 from train.trainer import train
 
+from models_helpers import fresh_accelerate_state  # noqa: F401 (autouse fixture)
+
 # (family, frames of the form k*multiple+1, size) small enough for a CPU step in well under a second
 FAMILIES = {"wan": (9, 32), "hunyuan_video": (9, 32), "mochi": (7, 32)}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
