@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train.config_schema import AttentionConfig
-from train.models.base import VideoGeometry
+from train.geometry import VideoGeometry
 
 __all__ = ["AttentionRouter", "RADIAL_MODELS"]
 

@@ -25,7 +25,8 @@ from train.config import config_to_dict, dump_config, save_config, write_text_at
 from train.config_schema import RecipeConfig
 from train.errors import OOM_ADVICE, UserError
 from train.models import get_adapter
-from train.models.base import ModelAdapter, VideoGeometry
+from train.geometry import VideoGeometry
+from train.models.base import ModelAdapter
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from train.attention import AttentionRouter
 from train.config_schema import AttentionConfig
-from train.models.base import VideoGeometry
+from train.geometry import VideoGeometry
 
 # 4 latent frames x 16 tokens per frame = 64 video tokens.
 GEOM = VideoGeometry(

@@ -208,7 +208,7 @@ def test_router_bnhd_layout_equals_the_transposed_call(cfg) -> None:
     """layout="bnhd" (what Wan's processor hands over: no transpose copies): the same numbers and gradients as the
     [B, H, N, D] call, returned as [B, N, H, D]; radial writes that layout directly."""
     from train.attention import AttentionRouter
-    from train.models.base import VideoGeometry
+    from train.geometry import VideoGeometry
 
     geometry = VideoGeometry(frames=17, height=64, width=64, latent_frames=5, latent_height=8, latent_width=8,
                              tokens_per_frame=16)

@@ -8,28 +8,14 @@ interface, so adding a family means one new file plus a registry line
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
+from train.geometry import VideoGeometry
 
-@dataclass(frozen=True)
-class VideoGeometry:
-    """Token layout of one clip after the VAE and the patch embedding."""
-
-    frames: int  # pixel frames
-    height: int
-    width: int
-    latent_frames: int
-    latent_height: int
-    latent_width: int
-    tokens_per_frame: int  # video tokens of one latent frame after patchify
-
-    @property
-    def video_tokens(self) -> int:
-        return self.latent_frames * self.tokens_per_frame
+__all__ = ["ModelAdapter", "VideoGeometry"]
 
 
 class ModelAdapter(ABC):

@@ -17,7 +17,8 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from train.models.base import ModelAdapter, VideoGeometry
+from train.geometry import VideoGeometry
+from train.models.base import ModelAdapter
 
 #: diffusers pipeline class -> our family name (for "this folder is another family" messages).
 PIPELINE_FAMILIES = {"WanPipeline": "wan", "HunyuanVideoPipeline": "hunyuan_video", "MochiPipeline": "mochi"}

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from train.models import common
-from train.models.base import VideoGeometry
+from train.geometry import VideoGeometry
 
 __all__ = ["WanAdapter", "WanEncoders", "WanSparseAttnProcessor", "TINY_TRANSFORMER_CONFIG"]
 
