@@ -17,7 +17,7 @@ if [ ! -d /tmp/site ]; then
 fi
 # launch.sh runs "$VENV/bin/python" and "$VENV/bin/accelerate": point it at the machine's own environment
 # (a venv made from it would not see its packages when python3 is itself a venv's)
-export VENV=$(python3 -c 'import sys; print(sys.prefix)') PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export VENV=$(python3 -c 'import sys; print(sys.prefix)') PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
 mkdir -p runs/e2e

@@ -91,6 +91,8 @@ IMPLS = {  # name -> attention overrides
     "flex": ["attention.type=radial", "attention.backend=triton"],  # the router's radial call goes to FlexAttention
     "radial": ["attention.type=radial", "attention.backend=triton"],
     "radial-auto": ["attention.type=radial", "attention.backend=auto"],
+    # the recipe keeps layer 0 dense (the official Wan rule); this row measures what that one layer costs
+    "radial-auto-d0": ["attention.type=radial", "attention.backend=auto", "attention.dense_layers=0"],
     "svg2": ["attention.type=svg2", "attention.backend=auto"],  # the svg2 recipes' clusters: 100 / 500, top_p 0.9
 }
 MODES = {  # name -> (checkpoint_policy, compile)
