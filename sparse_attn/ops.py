@@ -187,6 +187,7 @@ def block_sparse_bwd(
             index.schedule(bsz, heads, transposed=False, mode="lpt"),
             index.schedule(bsz, heads, transposed=True, mode="lpt"),
             block_size=block_size, scale=scale, key_padding_mask=key_padding_mask, grads_out=g4,
+            deterministic=deterministic,
         )
         return grads
     if backend == "fa4":
