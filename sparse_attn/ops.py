@@ -127,7 +127,7 @@ def block_sparse_fwd(
         from .backends import fa4
 
         lse = fa4.forward(q, k, v, block_mask, key_padding_mask, _groups(partial_mask, q_groups, k_groups, group_pairs),
-                          block_size, scale, layout, deterministic, out)
+                          block_size, scale, layout, out)
         return out, lse
     raise ValueError(f"sparse_attn::block_sparse_fwd: unknown backend {backend!r}")
 
