@@ -252,19 +252,26 @@ def run(args) -> int:
     if not args.tiny and not torch.cuda.is_available():
         print("error: needs a CUDA GPU (or --tiny for the CPU interpreter)", file=sys.stderr)
         return 2
-    t_start = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    import triton
-
     names = [s for s in args.variants.split(",") if s] if args.variants else [v.name for v in VARIANTS]
     known = {v.name: v for v in VARIANTS}
     unknown = [s for s in names if s not in known]
     if unknown:
         print(f"error: --variants: unknown {unknown}; known: {', '.join(known)}", file=sys.stderr)
         return 2
+    for flag, value in (("--max-variants", args.max_variants), ("--reps", args.reps)):
+        if value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.warmup < 0:
+        print(f"error: --warmup must be >= 0, got {args.warmup}", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+
     if "default" not in names:
         names.insert(0, "default")  # the reference of every other variant
-    chosen = [known[s] for s in names][: max(1, args.max_variants)]
+    chosen = [known[s] for s in names][: args.max_variants]
     shapes = ["tiny"] if args.tiny else (["wan81"] if args.quick else ["wan81", "wan41"])
     warmup, reps = (0, 1) if args.tiny else (args.warmup, args.reps)
     report = dict(env=dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)",
