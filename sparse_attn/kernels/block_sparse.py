@@ -25,8 +25,9 @@ Read top to bottom like the Triton fused-attention tutorial.  Conventions shared
   (``benchmarks/kernel_variants.py``) shows them faster: ``WS`` (``tl.range(warp_specialize=True)`` on the
   streamed loop; Triton >= 3.5), ``FOLD`` (forward: row max on the raw scores, the scale folded into the
   exponent's FMA), ``LAZY`` (forward: rescale the accumulator only when some row max grew by more than
-  ``LAZY_THRESHOLD`` in log2 units, FA4's trick) and the single-pass backward (dK/dV program that also adds
-  its dQ share into an fp32 buffer with atomics: five GEMMs instead of seven, not bit-reproducible).
+  ``LAZY_THRESHOLD`` in log2 units, FA4's trick), ``Q_MAJOR`` (dK/dV pass: scores as Q K^T rather than K Q^T)
+  and the single-pass backward (dK/dV program that also adds its dQ share into an fp32 buffer with atomics:
+  five GEMMs instead of seven, not bit-reproducible).
 """
 
 from __future__ import annotations
@@ -279,10 +280,11 @@ def _dkdv_step(
     offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     MASK_TAIL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    DQ_MODE: tl.constexpr,
+    DQ_MODE: tl.constexpr, Q_MAJOR: tl.constexpr,
 ):
     """One query tile ``t``.  DQ_MODE: 0 none, 1 ``tl.atomic_add`` of dS^T K, 2 the same product computed
-    transposed (K^T dS, FA3's swapAB: the 128-wide head dim is the GEMM's M), 3 TMA reduce-add."""
+    transposed (K^T dS, FA3's swapAB: the 128-wide head dim is the GEMM's M; same as 1 with Q_MAJOR),
+    3 TMA reduce-add.  Q_MAJOR: scores laid out [queries, keys] instead of [keys, queries]."""
     SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
     blk = tl.load(idx_ptr + t // SUB)
     start = blk * BLOCK_SIZE + (t % SUB) * BLOCK_M
@@ -291,25 +293,44 @@ def _dkdv_step(
                      HEAD_DIM, BLOCK_M, MASK_TAIL, USE_TMA)
     lse = tl.load(lse_base + rows)  # padded buffers: no mask needed
     delta = tl.load(delta_base + rows)
-    # transposed scores: [keys, queries]; padded query rows have q = dO = 0 and contribute nothing
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-    p_t = tl.math.exp2(s_t - lse[None, :])
-    if DQ_MODE != 0:
-        if HAS_KPM:  # padded keys must not reach dQ (tail keys have k = 0 and add nothing)
-            p_t = tl.where(kv_valid[:, None], p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-    dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
-    if DQ_MODE == 1:
-        dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
-        tl.atomic_add(dq_dst + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, sem="relaxed")
-    elif DQ_MODE == 2:
-        dq_t = tl.dot(tl.trans(k), ds_t, input_precision=PRECISION)
-        tl.atomic_add(dq_dst + rows[None, :] * HEAD_DIM + offs_d[:, None], dq_t, sem="relaxed")
-    elif DQ_MODE == 3:
-        dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
-        dq_dst.atomic_add([bh, start, 0], dq.reshape(1, BLOCK_M, HEAD_DIM))
+    if Q_MAJOR:
+        # scores as [queries, keys]: K and V are only ever the B operand of a GEMM (shared memory), dQ = dS K
+        # needs no transpose; dV and dK take the transposed P / dS as their A operand instead
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if DQ_MODE != 0:
+            if HAS_KPM:  # padded keys must not reach dQ (tail keys have k = 0 and add nothing)
+                p = tl.where(kv_valid[None, :], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
+        if DQ_MODE == 1 or DQ_MODE == 2:
+            dq = tl.dot(ds, k, input_precision=PRECISION)
+            tl.atomic_add(dq_dst + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, sem="relaxed")
+        elif DQ_MODE == 3:
+            dq = tl.dot(ds, k, input_precision=PRECISION)
+            dq_dst.atomic_add([bh, start, 0], dq.reshape(1, BLOCK_M, HEAD_DIM))
+    else:
+        # transposed scores: [keys, queries]; padded query rows have q = dO = 0 and contribute nothing
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if DQ_MODE != 0:
+            if HAS_KPM:  # padded keys must not reach dQ (tail keys have k = 0 and add nothing)
+                p_t = tl.where(kv_valid[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if DQ_MODE == 1:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
+            tl.atomic_add(dq_dst + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, sem="relaxed")
+        elif DQ_MODE == 2:
+            dq_t = tl.dot(tl.trans(k), ds_t, input_precision=PRECISION)
+            tl.atomic_add(dq_dst + rows[None, :] * HEAD_DIM + offs_d[:, None], dq_t, sem="relaxed")
+        elif DQ_MODE == 3:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
+            dq_dst.atomic_add([bh, start, 0], dq.reshape(1, BLOCK_M, HEAD_DIM))
     return dk, dv
 
 
@@ -321,21 +342,21 @@ def _dkdv_loop(
     offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     MASK_TAIL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    DQ_MODE: tl.constexpr, WS: tl.constexpr,
+    DQ_MODE: tl.constexpr, WS: tl.constexpr, Q_MAJOR: tl.constexpr,
 ):
     if WS:
         for t in tl.range(lo, hi, warp_specialize=True):
             dk, dv = _dkdv_step(
                 dk, dv, k, v, kv_valid, t, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, idx_ptr,
                 b, h, bh, n_ctx, qk_scale, offs_m, offs_d,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_M, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA, DQ_MODE,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_M, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, Q_MAJOR,
             )
     else:
         for t in range(lo, hi):
             dk, dv = _dkdv_step(
                 dk, dv, k, v, kv_valid, t, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, idx_ptr,
                 b, h, bh, n_ctx, qk_scale, offs_m, offs_d,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_M, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA, DQ_MODE,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_M, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, Q_MAJOR,
             )
     return dk, dv
 
@@ -354,7 +375,7 @@ def _attn_bwd_dkdv(
     H, n_ctx, n_blocks, group_b, group_h, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    DQ_MODE: tl.constexpr, WS: tl.constexpr,
+    DQ_MODE: tl.constexpr, WS: tl.constexpr, Q_MAJOR: tl.constexpr,
 ):
     """One program = one ``BLOCK_N``-row tile of one key block; streams ``BLOCK_M``-row query tiles.
 
@@ -405,7 +426,7 @@ def _attn_bwd_dkdv(
         dk, dv = _dkdv_loop(
             dk, dv, k, v, kv_valid, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, q_idx, b, h, bh,
             lo * M_SUB, hi * M_SUB, n_ctx, qk_scale, offs_m, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_M, False, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, WS,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_M, False, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, WS, Q_MAJOR,
         )
     else:
         last = tl.load(q_idx + tl.maximum(hi - 1, 0))
@@ -413,12 +434,12 @@ def _attn_bwd_dkdv(
         dk, dv = _dkdv_loop(
             dk, dv, k, v, kv_valid, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, q_idx, b, h, bh,
             lo * M_SUB, full_hi * M_SUB, n_ctx, qk_scale, offs_m, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_M, False, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, WS,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_M, False, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, WS, Q_MAJOR,
         )
         dk, dv = _dkdv_loop(
             dk, dv, k, v, kv_valid, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, q_idx, b, h, bh,
             full_hi * M_SUB, hi * M_SUB, n_ctx, qk_scale, offs_m, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_M, True, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, WS,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_M, True, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, WS, Q_MAJOR,
         )
     # Rows of dK/dV depend only on their own key, so keys outside the softmax (padding, tail) are fixed up
     # once here instead of masking every tile: their gradient is 0 (and tail rows are not stored at all).
@@ -582,6 +603,9 @@ class KernelConfig:
     #: single-pass backward only, how dQ shares are added into the fp32 buffer: "atomic" (``tl.atomic_add``,
     #: relaxed), "atomic_swap" (the same with K^T dS computed transposed) or "tma" (descriptor reduce-add).
     dq_reduce: str = "atomic"
+    #: dK/dV pass (two-pass or single-pass): scores as Q K^T ([queries, keys], FA2/FA3's orientation) so that K and V
+    #: are only ever GEMM B operands in shared memory - fewer live registers than K Q^T, the layout of the default.
+    q_major: bool = False
 
 
 DQ_REDUCE_MODES = {"atomic": 1, "atomic_swap": 2, "tma": 3}
@@ -813,7 +837,8 @@ def block_sparse_backward(
             heads, n_ctx, nb, group_b, group_h, scale * LOG2E, scale,
             HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             EVEN_N=even, HAS_KPM=has_kpm, PRECISION=precision,
-            USE_TMA=use_tma, DQ_MODE=dq_mode, WS=_ws(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            USE_TMA=use_tma, DQ_MODE=dq_mode, WS=_ws(cfg), Q_MAJOR=cfg.q_major,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if single is not None:
             dq = grads_out[0] if grads_out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -231,17 +231,24 @@ def test_forward_variants_match_fp64(dtype, fwd_cfg, scale):
         (torch.float32, KernelConfig(32, 64, 4, 2, dq_reduce="atomic")),
         (torch.float16, KernelConfig(32, 32, 4, 2, dq_reduce="atomic_swap", warp_specialize=True)),
         (torch.float32, KernelConfig(64, 32, 4, 2, tma=True, dq_reduce="tma")),  # interpreter: atomic fallback
+        (torch.float16, KernelConfig(32, 64, 4, 2, q_major=True)),
+        (torch.float32, None),  # two-pass with a q-major dK/dV pass
     ],
 )
 def test_single_pass_backward_matches_fp64(dtype, cfg):
-    """dK/dV program that also reduce-adds dQ (atomics): tail block, key padding, empty rows, against fp64."""
+    """dK/dV program that also reduce-adds dQ (atomics), both score orientations, and the q-major two-pass dK/dV:
+    tail block, key padding, empty rows, against fp64."""
     q, k, v, do, mask, kpm = _variant_case(dtype, seed=31)
     b, h, bs, scale = q.shape[0], q.shape[1], 64, 0.2
     idx = block_index(mask)
     rows, cols = idx.schedule(b, h, transposed=False), idx.schedule(b, h, transposed=True)
     out, lse = block_sparse_forward(q, k, v, idx, rows, block_size=bs, scale=scale, key_padding_mask=kpm)
-    dq, dk, dv = block_sparse_backward(do, q, k, v, out, lse, idx, rows, cols, block_size=bs, scale=scale,
-                                       key_padding_mask=kpm, deterministic=False, single_pass_config=cfg)
+    if cfg is None:
+        dq, dk, dv = block_sparse_backward(do, q, k, v, out, lse, idx, rows, cols, block_size=bs, scale=scale,
+                                           key_padding_mask=kpm, dkdv_config=KernelConfig(32, 64, 4, 2, q_major=True))
+    else:
+        dq, dk, dv = block_sparse_backward(do, q, k, v, out, lse, idx, rows, cols, block_size=bs, scale=scale,
+                                           key_padding_mask=kpm, deterministic=False, single_pass_config=cfg)
     assert dq.dtype == dtype and dq.shape == q.shape
     assert_close((out, dq, dk, dv), _fp64(q, k, v, do, mask, bs, scale, kpm), 1e-5 if dtype == torch.float32 else 3e-3)
     for g in (dq, dk, dv):
