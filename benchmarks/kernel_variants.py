@@ -253,6 +253,67 @@ def cudnn_times(case: Case, warmup: int, reps: int) -> dict:
     return dict(fwd_ms=fwd_ms, fwdbwd_ms=bench(both, warmup, max(3, reps // 2)))
 
 
+def compile_only(args, chosen: list[Variant]) -> int:
+    """Worker of ``--prewarm``: run each variant once at the small shape (same Triton specialisation as the benchmark
+    shapes), so its kernels land in Triton's on-disk cache; one START/END line per variant for the parent."""
+    device = torch.device("cpu" if args.tiny else "cuda")
+    small = small_case(device, args.tiny)
+    for var in chosen:
+        print(f"PREWARM-START {var.name}", flush=True)
+        try:
+            Runner(small.q, small.k, small.v, small.do, small.mask, 128, var).both()
+            _sync()
+            print(f"PREWARM-END {var.name} ok", flush=True)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which reports it per variant
+            print(f"PREWARM-END {var.name} error: {type(exc).__name__}: {str(exc)[:300]}".replace("\n", " "), flush=True)
+    return 0
+
+
+def parse_prewarm(output: str, finished: bool) -> dict[str, str]:
+    """``{variant: "ok" | "error: ..." | "crashed" | "timeout"}`` from one worker's stdout.
+
+    A variant started but never ended took the worker down (compiler crash) or was still compiling when the
+    worker was stopped (``finished=False``): the main run skips it instead of risking the same there.
+    """
+    status: dict[str, str] = {}
+    for line in output.splitlines():
+        if line.startswith("PREWARM-START "):
+            status[line.split(" ", 1)[1].strip()] = "timeout" if not finished else "crashed"
+        elif line.startswith("PREWARM-END "):
+            _, name, rest = line.split(" ", 2)
+            status[name] = rest.strip()
+    return status
+
+
+def prewarm(args, chosen: list[Variant], t_start: float) -> dict[str, str]:
+    """Compile every variant in ``args.prewarm`` worker processes at once (Triton compiles one kernel per process
+    at a time), each variant isolated from the main run: a compiler crash costs that variant only."""
+    import subprocess
+
+    workers = min(args.prewarm, len(chosen))
+    procs = []
+    for w in range(workers):
+        names = ",".join(v.name for v in chosen[w::workers])
+        cmd = [sys.executable, os.path.abspath(__file__), "--compile-only", "--variants", names, "--out", args.out]
+        if args.tiny:
+            cmd.append("--tiny")
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    status: dict[str, str] = {}
+    deadline = time.perf_counter() + args.prewarm_timeout
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.perf_counter()))
+            finished = True
+        except subprocess.TimeoutExpired:
+            proc.kill()  # our own worker, by its handle
+            out, _ = proc.communicate()
+            finished = False
+        status.update(parse_prewarm(out, finished))
+    log(f"[{time.perf_counter() - t_start:6.1f}s] prewarm ({workers} workers): "
+        + ", ".join(f"{k}={v[:60]}" for k, v in status.items()))
+    return status
+
+
 def run(args) -> int:
     device = torch.device("cpu" if args.tiny else "cuda")
     if not args.tiny and not torch.cuda.is_available():
@@ -268,16 +329,18 @@ def run(args) -> int:
         if value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
-    if args.warmup < 0:
-        print(f"error: --warmup must be >= 0, got {args.warmup}", file=sys.stderr)
+    if args.warmup < 0 or args.prewarm < 0:
+        print(f"error: --warmup and --prewarm must be >= 0, got {args.warmup} and {args.prewarm}", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     import triton
 
-    if "default" not in names:
+    if "default" not in names and not args.compile_only:
         names.insert(0, "default")  # the reference of every other variant
     chosen = [known[s] for s in names][: args.max_variants]
+    if args.compile_only:
+        return compile_only(args, chosen)
     shapes = ["tiny"] if args.tiny else (["wan81"] if args.quick else ["wan81", "wan41"])
     warmup, reps = (0, 1) if args.tiny else (args.warmup, args.reps)
     report = dict(env=dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)",
@@ -287,6 +350,8 @@ def run(args) -> int:
                                                                      torch.float32 if args.tiny else torch.bfloat16,
                                                                      128).items()},
                   dense={}, rows=[])
+    compiled = prewarm(args, chosen, t_start) if args.prewarm > 0 else {}
+    report["prewarm"] = compiled
     tol_small = 1e-4 if args.tiny else 2e-2  # vs fp64 (fp32 interpreter / bf16 kernels)
     tol_default = 1e-4 if args.tiny else 1e-2  # vs the default configs' result
     small = small_case(device, args.tiny)
@@ -316,6 +381,11 @@ def run(args) -> int:
                 row["error"] = f"skipped: time budget {args.budget:.0f} s spent"
                 report["rows"].append(row)
                 log(f"[{elapsed:6.1f}s] {shape} {var.name}: skipped (budget)")
+                continue
+            if compiled.get(var.name, "ok") in ("crashed", "timeout"):
+                row["error"] = f"skipped: its compilation {compiled[var.name]} in the prewarm worker"
+                report["rows"].append(row)
+                log(f"[{elapsed:6.1f}s] {shape} {var.name}: {row['error']}")
                 continue
             log(f"[{elapsed:6.1f}s] {shape} {var.name}: compiling / checking ...")
             try:
@@ -398,6 +468,10 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=270.0, help="start no new variant after this many seconds")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--prewarm", type=int, default=0,
+                   help="compile the variants first in this many worker processes (parallel, crash-isolated)")
+    p.add_argument("--prewarm-timeout", type=float, default=150.0, help="seconds the prewarm workers get")
+    p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)  # a --prewarm worker
     p.add_argument("--out", required=True, help="directory for results.json and table.md")
     args = p.parse_args(argv)
     return run(args)

@@ -12,8 +12,10 @@ from benchmarks import kernel_variants
 
 
 def test_tiny_sweep_runs_checks_and_reports(tmp_path, capsys):
-    assert kernel_variants.main(["--tiny", "--variants", "sp-64x128-swap", "--out", str(tmp_path)]) == 0
+    args = ["--tiny", "--variants", "sp-64x128-swap", "--prewarm", "1", "--out", str(tmp_path)]
+    assert kernel_variants.main(args) == 0
     report = json.loads((tmp_path / "results.json").read_text())
+    assert report["prewarm"] == {"default": "ok", "sp-64x128-swap": "ok"}  # one worker process ran both
     rows = {r["variant"]: r for r in report["rows"]}
     assert list(rows) == ["default", "sp-64x128-swap"]  # the reference is always run first
     for r in rows.values():
@@ -33,6 +35,12 @@ def test_unknown_variant_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --variants: unknown ['nope']")
     assert not (tmp_path / "kv").exists()  # nothing written
+
+
+def test_parse_prewarm_marks_crashes_and_timeouts():
+    out = "noise\nPREWARM-START a\nPREWARM-END a ok\nPREWARM-START b\nPREWARM-END b error: X: y\nPREWARM-START c\n"
+    assert kernel_variants.parse_prewarm(out, True) == {"a": "ok", "b": "error: X: y", "c": "crashed"}
+    assert kernel_variants.parse_prewarm(out, False)["c"] == "timeout"
 
 
 def test_variant_names_unique_and_configs_valid():
