@@ -25,6 +25,9 @@ def test_tiny_sweep_runs_checks_and_reports(tmp_path, capsys):
     assert rows["sp-64x128-swap"]["vs_default"]["rel"] < 1e-4
     assert rows["sp-64x128-swap"]["configs"]["single"]["dq_reduce"] == "atomic_swap"
     assert report["dense"]["tiny"]["fwdbwd_ms"] > 0
+    best = report["best"]["tiny"]
+    assert best["fwd"]["variant"] == "default" and best["two_pass"]["variant"] == "default"
+    assert best["single_pass"]["variant"] == "sp-64x128-swap"
     table = (tmp_path / "table.md").read_text()
     assert "| tiny | sp-64x128-swap |" in table and "reference" in table
     assert "| tiny | sp-64x128-swap |" in capsys.readouterr().out
