@@ -20,12 +20,12 @@ tokens of joint text+video attention.  A query row with no valid key returns zer
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from . import ops
 from .backends import fa4
+from .interpreter import interpreting
 
 __all__ = ["block_sparse_attention"]
 
@@ -110,7 +110,7 @@ def _triton_reason(q: torch.Tensor, block_size: int) -> tuple[type, str] | None:
         return ValueError, f"supports block_size in {_TRITON_BLOCK_SIZES}, got {block_size}; use backend='torch'"
     if q.dtype not in _TRITON_DTYPES:
         return TypeError, f"supports q/k/v dtypes float16, bfloat16, float32; got {q.dtype}"
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not q.is_cuda and not interpreting():
         return ValueError, "needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use backend='torch'"
     if not q.is_cuda and q.dtype == torch.bfloat16:  # the interpreter computes bf16 as raw integers
         return TypeError, "on CPU (TRITON_INTERPRET=1) gives wrong bf16 results; use float16/float32 or backend='torch'"

@@ -127,7 +127,7 @@ def block_sparse_fwd(
         from .backends import fa4
 
         lse = fa4.forward(q, k, v, block_mask, key_padding_mask, _groups(partial_mask, q_groups, k_groups, group_pairs),
-                          block_size, scale, layout, deterministic, out)
+                          block_size, scale, layout, out)
         return out, lse
     raise ValueError(f"sparse_attn::block_sparse_fwd: unknown backend {backend!r}")
 
@@ -187,6 +187,7 @@ def block_sparse_bwd(
             index.schedule(bsz, heads, transposed=False, mode="lpt"),
             index.schedule(bsz, heads, transposed=True, mode="lpt"),
             block_size=block_size, scale=scale, key_padding_mask=key_padding_mask, grads_out=g4,
+            deterministic=deterministic,
         )
         return grads
     if backend == "fa4":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .backends import fa4
+from .interpreter import interpreting
 from .kernels.range_attention import SUPPORTED_HEAD_DIMS, RangeLayout, build_range_layout, range_attention
 from .kmeans import KMeansResult, batched_kmeans
 from .svg2_blocks import GroupBlocks, group_blocks
@@ -164,7 +164,7 @@ def _resolve_backend(backend: str, q: Tensor) -> str:
                 f"backend: 'triton' needs fp16/bf16/fp32 and head dim in {SUPPORTED_HEAD_DIMS}, got {q.dtype}, D={d}"
             )
         if not q.is_cuda:
-            if os.environ.get("TRITON_INTERPRET") != "1":
+            if not interpreting():
                 raise ValueError("backend: 'triton' on CPU runs only under TRITON_INTERPRET=1; use backend='torch'")
             if q.dtype == torch.bfloat16:
                 raise ValueError("backend: the Triton interpreter mishandles bf16; use fp16/fp32 or backend='torch'")

@@ -13,7 +13,9 @@ its end and applies the sequence-length mask only to the first block it visits, 
 (the ragged tail block, the largest id, comes first); the other partial blocks get no length mask, so every
 ``aux_tensors`` row is padded to ``Nb * 128`` with "invalid" past ``N``.  The backward of FA4 does not support
 ``seqused_k`` together with block sparsity, hence the ``mask_mod`` route for padding.  The SM90 backward
-accumulates dQ with atomics; ``deterministic=True`` passes FA4's own semaphore ordering (``dq_write_order``).
+accumulates dQ with atomics and has no deterministic block-sparse mode (4.0.0b36 asserts "Deterministic not
+implemented for block-sparse backward"), so :func:`backward` refuses ``deterministic=True`` and
+``block_sparse_attention`` never routes a deterministic call here.
 
 The lists keep the full ``Nb`` width (no host sync to find the longest row) and are cached on the mask's
 :class:`~sparse_attn.indices.BlockIndex`, keyed by the padding / partial-mask tensors they were built with.
@@ -152,7 +154,7 @@ def split_full_partial(
     return full, partial, key_valid
 
 
-def _build(index, block_mask, key_padding_mask, groups, n, block_size, deterministic):
+def _build(block_mask, key_padding_mask, groups, n, block_size):
     """FA4 forward and backward BlockSparseTensorsTorch plus (mask_mod, aux_tensors)."""
     _, bs_mod, _ = _fa4()
     partial_mask, q_groups, k_groups, pairs = groups if groups is not None else (None,) * 4
@@ -163,12 +165,8 @@ def _build(index, block_mask, key_padding_mask, groups, n, block_size, determini
     bfc, bfi = _lists(tfull)
     bpc, bpi = _lists(tpartial)
     size = (block_size, block_size)
-    order = order_full = None
-    if deterministic:
-        order, order_full = bs_mod.compute_dq_write_order(pc, pi, fc, fi, bpc, bpi, bfc, bfi, spt=False)
     fwd = bs_mod.BlockSparseTensorsTorch(pc, pi, fc, fi, block_size=size)
-    bwd = bs_mod.BlockSparseTensorsTorch(bpc, bpi, bfc, bfi, block_size=size, dq_write_order=order,
-                                         dq_write_order_full=order_full, spt=False if deterministic else None)
+    bwd = bs_mod.BlockSparseTensorsTorch(bpc, bpi, bfc, bfi, block_size=size)
     mods = _mask_mods() if (groups is not None or key_valid is not None) else {}
     if groups is not None:
         aux = [q_groups.to(torch.int32).contiguous(), k_groups.to(torch.int32).contiguous(),
@@ -181,19 +179,19 @@ def _build(index, block_mask, key_padding_mask, groups, n, block_size, determini
     return fwd, bwd, None, None
 
 
-def _tensors(block_mask, key_padding_mask, groups, n, block_size, deterministic):
+def _tensors(block_mask, key_padding_mask, groups, n, block_size):
     """Cached :func:`_build` on the mask's BlockIndex (the same mask, padding and groups give the same lists)."""
     from ..indices import block_index
 
     index = block_index(block_mask)
     partial_mask = groups[0] if groups is not None else None
-    key = (n, block_size, bool(deterministic),
+    key = (n, block_size,
            id(key_padding_mask), getattr(key_padding_mask, "_version", None),
            id(partial_mask), getattr(partial_mask, "_version", None))
     hit = index.extras.get("fa4")
     if hit is not None and hit[0] == key:
         return hit[2]
-    built = _build(index, block_mask, key_padding_mask, groups, n, block_size, deterministic)
+    built = _build(block_mask, key_padding_mask, groups, n, block_size)
     # keep the keyed tensors alive with the entry, so that their ids cannot be reused while it is cached
     index.extras["fa4"] = (key, (key_padding_mask, groups), built)
     return built
@@ -203,11 +201,11 @@ def _bnhd(x: Tensor, layout: str) -> Tensor:
     return x if layout == "bnhd" else x.transpose(1, 2)
 
 
-def forward(q, k, v, block_mask, key_padding_mask, groups, block_size, scale, layout, deterministic, out) -> Tensor:
+def forward(q, k, v, block_mask, key_padding_mask, groups, block_size, scale, layout, out) -> Tensor:
     """Writes ``out`` (caller's layout); returns FA4's LSE ``[B, H, N]`` (fp32, natural log, -inf on empty rows)."""
     interface, _, _ = _fa4()
     n = q.shape[1] if layout == "bnhd" else q.shape[2]
-    fwd, _, mask_mod, aux = _tensors(block_mask, key_padding_mask, groups, n, block_size, deterministic)
+    fwd, _, mask_mod, aux = _tensors(block_mask, key_padding_mask, groups, n, block_size)
     _, lse, *_ = interface._flash_attn_fwd(
         _bnhd(q, layout), _bnhd(k, layout), _bnhd(v, layout),
         softmax_scale=scale, mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=fwd,
@@ -218,13 +216,16 @@ def forward(q, k, v, block_mask, key_padding_mask, groups, block_size, scale, la
 
 def backward(grad_out, q, k, v, out, lse, block_mask, key_padding_mask, groups, block_size, scale, layout,
              deterministic, grads) -> None:
-    """Writes ``grads = (dq, dk, dv)`` (caller's layout)."""
+    """Writes ``grads = (dq, dk, dv)`` (caller's layout); refuses ``deterministic`` (FA4's dQ uses atomics)."""
+    if deterministic:
+        raise ValueError("backend 'fa4' has no deterministic block-sparse backward (FlashAttention-4 accumulates dQ "
+                         "with atomics); use the Triton or torch backend for bit-reproducible gradients")
     interface, _, _ = _fa4()
     n = q.shape[1] if layout == "bnhd" else q.shape[2]
-    _, bwd, mask_mod, aux = _tensors(block_mask, key_padding_mask, groups, n, block_size, deterministic)
+    _, bwd, mask_mod, aux = _tensors(block_mask, key_padding_mask, groups, n, block_size)
     dq, dk, dv = (_bnhd(g, layout) for g in grads)
     interface._flash_attn_bwd(
         _bnhd(q, layout), _bnhd(k, layout), _bnhd(v, layout), _bnhd(out, layout), _bnhd(grad_out, layout), lse,
-        softmax_scale=scale, deterministic=deterministic, dq=dq, dk=dk, dv=dv,
+        softmax_scale=scale, dq=dq, dk=dk, dv=dv,
         mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=bwd,
     )

@@ -21,16 +21,24 @@ Read top to bottom like the Triton fused-attention tutorial.  Conventions shared
   kernels carry no per-key test at all.
 * ``USE_TMA`` streams tiles through 4-D host tensor descriptors instead of pointer loads (Hopper TMA);
   measured no faster on an H200, so it is off by default but kept as a tuning option.
+* Tuning variants, all constexpr and all off in :func:`default_configs` until a sweep on the GPU
+  (``benchmarks/kernel_variants.py``) shows them faster: ``WS`` (``tl.range(warp_specialize=True)`` on the
+  streamed loop; Triton >= 3.5), ``FOLD`` (forward: row max on the raw scores, the scale folded into the
+  exponent's FMA), ``LAZY`` (forward: rescale the accumulator only when some row max grew by more than
+  ``LAZY_THRESHOLD`` in log2 units, FA4's trick), ``Q_MAJOR`` (dK/dV pass: scores as Q K^T rather than K Q^T)
+  and the single-pass backward (dK/dV program that also adds its dQ share into an fp32 buffer with atomics:
+  five GEMMs instead of seven, not bit-reproducible).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ..interpreter import interpreting
 
 __all__ = [
     "KernelConfig",
@@ -40,6 +48,9 @@ __all__ = [
 ]
 
 LOG2E = 1.4426950408889634
+#: LAZY forward: the accumulator is rescaled only when a row max grew by more than this (log2 units), so
+#: unnormalised probabilities stay below 2**8 - harmless in fp32 and in the bf16/fp16 P of the PV GEMM.
+LAZY_THRESHOLD = tl.constexpr(8.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,6 +80,67 @@ def _load_kv(k_src, v_src, stride_kn, stride_vn, b, h, start, rows, n_ctx, offs_
 
 
 @triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q, t,
+    k_src, v_src, stride_kn, stride_vn, kpm_base, idx_ptr, b, h,
+    n_ctx, qk_scale,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_TAIL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    FOLD: tl.constexpr, LAZY: tl.constexpr,
+):
+    """One key tile ``t`` (sub-tile ``t % SUB`` of list entry ``t // SUB``) of the online softmax."""
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    blk = tl.load(idx_ptr + t // SUB)
+    start = blk * BLOCK_SIZE + (t % SUB) * BLOCK_N
+    cols = start + offs_n
+    k, v = _load_kv(k_src, v_src, stride_kn, stride_vn, b, h, start, cols, n_ctx, offs_d,
+                    HEAD_DIM, BLOCK_N, MASK_TAIL, USE_TMA)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if not FOLD:
+        s = s * qk_scale
+    if MASK_TAIL or HAS_KPM:
+        if MASK_TAIL:
+            valid = cols < n_ctx
+            if HAS_KPM:
+                valid = valid & (tl.load(kpm_base + cols, mask=valid, other=0) != 0)
+        else:
+            valid = tl.load(kpm_base + cols) != 0
+        s = tl.where(valid[None, :], s, float("-inf"))
+    if FOLD:  # qk_scale > 0 (the launcher checks): max of scaled = scaled max, one FMUL per row not per score
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    if LAZY:
+        # rescale only when some row's max grew by more than the threshold (a -inf -> finite step always does)
+        grow = tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0)
+        if grow > LAZY_THRESHOLD:
+            m_fix = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_fix)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        # a row whose keys are all masked so far keeps m = -inf; subtract 0 instead to avoid inf - inf
+        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    else:
+        if MASK_TAIL or HAS_KPM:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    if FOLD:
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    else:
+        p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_loop(
     acc, l_i, m_i, q,
     k_src, v_src, stride_kn, stride_vn, kpm_base, idx_ptr, b, h,
@@ -76,36 +148,22 @@ def _fwd_loop(
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_TAIL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    FOLD: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
 ):
-    """Online softmax over the key tiles ``lo .. hi`` (tile ``t`` = sub-tile ``t % SUB`` of list entry ``t // SUB``)."""
-    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    for t in range(lo, hi):
-        blk = tl.load(idx_ptr + t // SUB)
-        start = blk * BLOCK_SIZE + (t % SUB) * BLOCK_N
-        cols = start + offs_n
-        k, v = _load_kv(k_src, v_src, stride_kn, stride_vn, b, h, start, cols, n_ctx, offs_d,
-                        HEAD_DIM, BLOCK_N, MASK_TAIL, USE_TMA)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASK_TAIL or HAS_KPM:
-            if MASK_TAIL:
-                valid = cols < n_ctx
-                if HAS_KPM:
-                    valid = valid & (tl.load(kpm_base + cols, mask=valid, other=0) != 0)
-            else:
-                valid = tl.load(kpm_base + cols) != 0
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row whose keys are all masked so far keeps m = -inf; subtract 0 instead to avoid inf - inf
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
+    """Online softmax over the key tiles ``lo .. hi``.  ``WS``: let Triton warp-specialise the loop (only
+    this branch mentions ``warp_specialize``, so Triton versions without it never see the keyword)."""
+    if WS:
+        for t in tl.range(lo, hi, warp_specialize=True):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, t, k_src, v_src, stride_kn, stride_vn, kpm_base, idx_ptr, b, h, n_ctx, qk_scale,
+                offs_n, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA, FOLD, LAZY,
+            )
+    else:
+        for t in range(lo, hi):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, t, k_src, v_src, stride_kn, stride_vn, kpm_base, idx_ptr, b, h, n_ctx, qk_scale,
+                offs_n, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA, FOLD, LAZY,
+            )
     return acc, l_i, m_i
 
 
@@ -121,6 +179,7 @@ def _attn_fwd(
     H, n_ctx, n_blocks, group_b, group_h, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    FOLD: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
 ):
     """One program = one ``BLOCK_M``-row tile of one query block of one (batch, head)."""
     M_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
@@ -156,7 +215,7 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_loop(
             acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, kpm_base, kv_idx, b, h,
             lo * N_SUB, hi * N_SUB, n_ctx, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_KPM, PRECISION, USE_TMA,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_KPM, PRECISION, USE_TMA, FOLD, LAZY, WS,
         )
     else:
         last = tl.load(kv_idx + tl.maximum(hi - 1, 0))
@@ -164,12 +223,12 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_loop(
             acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, kpm_base, kv_idx, b, h,
             lo * N_SUB, full_hi * N_SUB, n_ctx, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_KPM, PRECISION, USE_TMA,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_KPM, PRECISION, USE_TMA, FOLD, LAZY, WS,
         )
         acc, l_i, m_i = _fwd_loop(
             acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, kpm_base, kv_idx, b, h,
             full_hi * N_SUB, hi * N_SUB, n_ctx, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_KPM, PRECISION, USE_TMA,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_KPM, PRECISION, USE_TMA, FOLD, LAZY, WS,
         )
 
     empty = l_i == 0.0
@@ -208,41 +267,103 @@ def _attn_bwd_delta(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backward dK/dV: K, V stationary; walk the query blocks that attend to this key block (transposed lists)
+# Backward dK/dV: K, V stationary; walk the query blocks that attend to this key block (transposed lists).
+# With DQ_MODE != 0 the same program also adds its share of dQ into an fp32 buffer (single-pass backward).
 # ---------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _dkdv_loop(
-    dk, dv, k, v,
-    q_src, do_src, stride_qn, stride_don, lse_base, delta_base, idx_ptr, b, h,
-    lo, hi, n_ctx, qk_scale,
+def _dkdv_step(
+    dk, dv, k, v, kv_valid, t,
+    q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, idx_ptr, b, h, bh,
+    n_ctx, qk_scale,
     offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASK_TAIL: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    MASK_TAIL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DQ_MODE: tl.constexpr, Q_MAJOR: tl.constexpr,
 ):
+    """One query tile ``t``.  DQ_MODE: 0 none, 1 ``tl.atomic_add`` of dS^T K, 2 the same product computed
+    transposed (K^T dS, FA3's swapAB: the 128-wide head dim is the GEMM's M; same as 1 with Q_MAJOR),
+    3 TMA reduce-add.  Q_MAJOR: scores laid out [queries, keys] instead of [keys, queries]."""
     SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
-    for t in range(lo, hi):
-        blk = tl.load(idx_ptr + t // SUB)
-        start = blk * BLOCK_SIZE + (t % SUB) * BLOCK_M
-        rows = start + offs_m
-        q, do = _load_kv(q_src, do_src, stride_qn, stride_don, b, h, start, rows, n_ctx, offs_d,
-                         HEAD_DIM, BLOCK_M, MASK_TAIL, USE_TMA)
-        lse = tl.load(lse_base + rows)  # padded buffers: no mask needed
-        delta = tl.load(delta_base + rows)
+    blk = tl.load(idx_ptr + t // SUB)
+    start = blk * BLOCK_SIZE + (t % SUB) * BLOCK_M
+    rows = start + offs_m
+    q, do = _load_kv(q_src, do_src, stride_qn, stride_don, b, h, start, rows, n_ctx, offs_d,
+                     HEAD_DIM, BLOCK_M, MASK_TAIL, USE_TMA)
+    lse = tl.load(lse_base + rows)  # padded buffers: no mask needed
+    delta = tl.load(delta_base + rows)
+    if Q_MAJOR:
+        # scores as [queries, keys]: K and V are only ever the B operand of a GEMM (shared memory), dQ = dS K
+        # needs no transpose; dV and dK take the transposed P / dS as their A operand instead
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if DQ_MODE != 0:
+            if HAS_KPM:  # padded keys must not reach dQ (tail keys have k = 0 and add nothing)
+                p = tl.where(kv_valid[None, :], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
+        if DQ_MODE == 1 or DQ_MODE == 2:
+            dq = tl.dot(ds, k, input_precision=PRECISION)
+            tl.atomic_add(dq_dst + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, sem="relaxed")
+        elif DQ_MODE == 3:
+            dq = tl.dot(ds, k, input_precision=PRECISION)
+            dq_dst.atomic_add([bh, start, 0], dq.reshape(1, BLOCK_M, HEAD_DIM))
+    else:
         # transposed scores: [keys, queries]; padded query rows have q = dO = 0 and contribute nothing
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])
+        if DQ_MODE != 0:
+            if HAS_KPM:  # padded keys must not reach dQ (tail keys have k = 0 and add nothing)
+                p_t = tl.where(kv_valid[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if DQ_MODE == 1:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
+            tl.atomic_add(dq_dst + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, sem="relaxed")
+        elif DQ_MODE == 2:
+            dq_t = tl.dot(tl.trans(k), ds_t, input_precision=PRECISION)
+            tl.atomic_add(dq_dst + rows[None, :] * HEAD_DIM + offs_d[:, None], dq_t, sem="relaxed")
+        elif DQ_MODE == 3:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
+            dq_dst.atomic_add([bh, start, 0], dq.reshape(1, BLOCK_M, HEAD_DIM))
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_loop(
+    dk, dv, k, v, kv_valid,
+    q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, idx_ptr, b, h, bh,
+    lo, hi, n_ctx, qk_scale,
+    offs_m, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK_TAIL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DQ_MODE: tl.constexpr, WS: tl.constexpr, Q_MAJOR: tl.constexpr,
+):
+    if WS:
+        for t in tl.range(lo, hi, warp_specialize=True):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, kv_valid, t, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, idx_ptr,
+                b, h, bh, n_ctx, qk_scale, offs_m, offs_d,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_M, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, Q_MAJOR,
+            )
+    else:
+        for t in range(lo, hi):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, kv_valid, t, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, idx_ptr,
+                b, h, bh, n_ctx, qk_scale, offs_m, offs_d,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_M, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, Q_MAJOR,
+            )
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, DQ_ACC,
     q_ptr, q_idx, sched,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -254,12 +375,15 @@ def _attn_bwd_dkdv(
     H, n_ctx, n_blocks, group_b, group_h, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DQ_MODE: tl.constexpr, WS: tl.constexpr, Q_MAJOR: tl.constexpr,
 ):
     """One program = one ``BLOCK_N``-row tile of one key block; streams ``BLOCK_M``-row query tiles.
 
-    No atomics: dQ has its own pass (below), so all three gradients are deterministic.  Accumulating dQ
-    here with fp32 atomics (TMA reduce-add or ``tl.atomic_add``) saves two of the seven GEMMs but measured
-    1.2-2x slower on an H200 (register spills and reduction traffic; docs/benchmarks.md).
+    ``DQ_MODE == 0`` (default): no atomics, dQ has its own pass (below), so all three gradients are
+    deterministic.  Otherwise this program also reduce-adds dS^T K (unscaled, fp32) into ``DQ_ACC``
+    (``[B*H, Nb*BLOCK_SIZE, D]``; a 3-D tensor descriptor for mode 3): five GEMMs per block pair instead of
+    seven, but an earlier try (docs/benchmarks.md) measured 1.2-2x slower on an H200 from register spills
+    and reduction traffic - hence a sweep variant, not the default.
     """
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
     M_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
@@ -279,12 +403,20 @@ def _attn_bwd_dkdv(
     key_ok = offs_n < n_ctx
     k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    if HAS_KPM:
+        kv_valid = tl.load(KPM + b.to(tl.int64) * stride_kpm + offs_n, mask=key_ok, other=0) != 0
+    else:
+        kv_valid = key_ok
     if USE_TMA:
         q_src = Q
         do_src = DO
     else:
         q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_src = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    if DQ_MODE == 3:
+        dq_dst = DQ_ACC
+    else:
+        dq_dst = DQ_ACC + bh.to(tl.int64) * (n_blocks * BLOCK_SIZE * HEAD_DIM)
     lse_base = LSE + bh.to(tl.int64) * (n_blocks * BLOCK_SIZE)
     delta_base = DELTA + bh.to(tl.int64) * (n_blocks * BLOCK_SIZE)
 
@@ -292,24 +424,26 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if EVEN_N:
         dk, dv = _dkdv_loop(
-            dk, dv, k, v, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, q_idx, b, h,
-            lo * M_SUB, hi * M_SUB, n_ctx, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_M, False, PRECISION, USE_TMA,
+            dk, dv, k, v, kv_valid, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, q_idx, b, h, bh,
+            lo * M_SUB, hi * M_SUB, n_ctx, qk_scale, offs_m, offs_d,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_M, False, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, WS, Q_MAJOR,
         )
     else:
         last = tl.load(q_idx + tl.maximum(hi - 1, 0))
         full_hi = hi - ((hi > lo) & (last == n_blocks - 1)).to(tl.int32)
         dk, dv = _dkdv_loop(
-            dk, dv, k, v, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, q_idx, b, h,
-            lo * M_SUB, full_hi * M_SUB, n_ctx, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_M, False, PRECISION, USE_TMA,
+            dk, dv, k, v, kv_valid, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, q_idx, b, h, bh,
+            lo * M_SUB, full_hi * M_SUB, n_ctx, qk_scale, offs_m, offs_d,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_M, False, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, WS, Q_MAJOR,
         )
         dk, dv = _dkdv_loop(
-            dk, dv, k, v, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, q_idx, b, h,
-            full_hi * M_SUB, hi * M_SUB, n_ctx, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_M, True, PRECISION, USE_TMA,
+            dk, dv, k, v, kv_valid, q_src, do_src, stride_qn, stride_don, lse_base, delta_base, dq_dst, q_idx, b, h, bh,
+            full_hi * M_SUB, hi * M_SUB, n_ctx, qk_scale, offs_m, offs_d,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_M, True, HAS_KPM, PRECISION, USE_TMA, DQ_MODE, WS, Q_MAJOR,
         )
     # Rows of dK/dV depend only on their own key, so keys outside the softmax (padding, tail) are fixed up
     # once here instead of masking every tile: their gradient is 0 (and tail rows are not stored at all).
     if HAS_KPM:
-        kv_valid = tl.load(KPM + b.to(tl.int64) * stride_kpm + offs_n, mask=key_ok, other=0) != 0
         dk = tl.where(kv_valid[:, None], dk, 0.0)
         dv = tl.where(kv_valid[:, None], dv, 0.0)
     dk = dk * sm_scale
@@ -323,6 +457,37 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
+def _dq_step(
+    dq, q, do, lse, delta, t,
+    k_src, v_src, stride_kn, stride_vn, kpm_base, idx_ptr, b, h,
+    n_ctx, qk_scale,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_TAIL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    blk = tl.load(idx_ptr + t // SUB)
+    start = blk * BLOCK_SIZE + (t % SUB) * BLOCK_N
+    cols = start + offs_n
+    k, v = _load_kv(k_src, v_src, stride_kn, stride_vn, b, h, start, cols, n_ctx, offs_d,
+                    HEAD_DIM, BLOCK_N, MASK_TAIL, USE_TMA)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASK_TAIL or HAS_KPM:
+        if MASK_TAIL:
+            valid = cols < n_ctx
+            if HAS_KPM:
+                valid = valid & (tl.load(kpm_base + cols, mask=valid, other=0) != 0)
+        else:
+            valid = tl.load(kpm_base + cols) != 0
+        p = tl.where(valid[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
 def _dq_loop(
     dq, q, do, lse, delta,
     k_src, v_src, stride_kn, stride_vn, kpm_base, idx_ptr, b, h,
@@ -330,27 +495,18 @@ def _dq_loop(
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_TAIL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
-    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    for t in range(lo, hi):
-        blk = tl.load(idx_ptr + t // SUB)
-        start = blk * BLOCK_SIZE + (t % SUB) * BLOCK_N
-        cols = start + offs_n
-        k, v = _load_kv(k_src, v_src, stride_kn, stride_vn, b, h, start, cols, n_ctx, offs_d,
-                        HEAD_DIM, BLOCK_N, MASK_TAIL, USE_TMA)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        if MASK_TAIL or HAS_KPM:
-            if MASK_TAIL:
-                valid = cols < n_ctx
-                if HAS_KPM:
-                    valid = valid & (tl.load(kpm_base + cols, mask=valid, other=0) != 0)
-            else:
-                valid = tl.load(kpm_base + cols) != 0
-            p = tl.where(valid[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    if WS:
+        for t in tl.range(lo, hi, warp_specialize=True):
+            dq = _dq_step(dq, q, do, lse, delta, t, k_src, v_src, stride_kn, stride_vn, kpm_base, idx_ptr, b, h,
+                          n_ctx, qk_scale, offs_n, offs_d,
+                          HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA)
+    else:
+        for t in range(lo, hi):
+            dq = _dq_step(dq, q, do, lse, delta, t, k_src, v_src, stride_kn, stride_vn, kpm_base, idx_ptr, b, h,
+                          n_ctx, qk_scale, offs_n, offs_d,
+                          HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASK_TAIL, HAS_KPM, PRECISION, USE_TMA)
     return dq
 
 
@@ -367,6 +523,7 @@ def _attn_bwd_dq(
     H, n_ctx, n_blocks, group_b, group_h, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """One program = one ``BLOCK_M``-row tile of one query block; streams ``BLOCK_N``-row key tiles."""
     M_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
@@ -401,18 +558,18 @@ def _attn_bwd_dq(
     if EVEN_N:
         dq = _dq_loop(
             dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, kpm_base, kv_idx, b, h,
-            lo * N_SUB, hi * N_SUB, n_ctx, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_KPM, PRECISION, USE_TMA,
+            lo * N_SUB, hi * N_SUB, n_ctx, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_KPM, PRECISION, USE_TMA, WS,
         )
     else:
         last = tl.load(kv_idx + tl.maximum(hi - 1, 0))
         full_hi = hi - ((hi > lo) & (last == n_blocks - 1)).to(tl.int32)
         dq = _dq_loop(
             dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, kpm_base, kv_idx, b, h,
-            lo * N_SUB, full_hi * N_SUB, n_ctx, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_KPM, PRECISION, USE_TMA,
+            lo * N_SUB, full_hi * N_SUB, n_ctx, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_KPM, PRECISION, USE_TMA, WS,
         )
         dq = _dq_loop(
             dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, kpm_base, kv_idx, b, h,
-            full_hi * N_SUB, hi * N_SUB, n_ctx, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_KPM, PRECISION, USE_TMA,
+            full_hi * N_SUB, hi * N_SUB, n_ctx, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_KPM, PRECISION, USE_TMA, WS,
         )
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok)
@@ -425,7 +582,7 @@ def _attn_bwd_dq(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile shape and launch parameters of one kernel.
+    """Tile shape, launch parameters and code variants of one kernel.
 
     ``block_m`` rows of queries and ``block_n`` rows of keys per tile; both divide the sparse block size.
     The stationary tile is the queries in the forward and dQ pass and the keys in the dK/dV pass.
@@ -436,19 +593,46 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # stream tiles through 4-D tensor descriptors (Hopper TMA) when the layout allows
+    #: ``tl.range(warp_specialize=True)`` on the streamed loop (Triton >= 3.5 on Hopper/Blackwell; ignored by
+    #: Triton versions without the keyword and by the interpreter).
+    warp_specialize: bool = False
+    #: forward only: row max on the raw scores and ``exp2(s * scale - m)`` as one FMA (used when scale > 0).
+    fold_scale: bool = False
+    #: forward only: rescale the accumulator only when some row max grew by more than LAZY_THRESHOLD.
+    lazy_rescale: bool = False
+    #: single-pass backward only, how dQ shares are added into the fp32 buffer: "atomic" (``tl.atomic_add``,
+    #: relaxed), "atomic_swap" (the same with K^T dS computed transposed) or "tma" (descriptor reduce-add).
+    dq_reduce: str = "atomic"
+    #: dK/dV pass (two-pass or single-pass): scores as Q K^T ([queries, keys], FA2/FA3's orientation) so that K and V
+    #: are only ever GEMM B operands in shared memory - fewer live registers than K Q^T, the layout of the default.
+    q_major: bool = False
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+DQ_REDUCE_MODES = {"atomic": 1, "atomic_swap": 2, "tma": 3}
+
+
+def _ws_supported() -> bool:
+    """Whether this Triton's ``tl.range`` takes ``warp_specialize`` (3.4+); older versions run the plain loop."""
+    import inspect
+
+    try:
+        return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - unusual builds
+        return False
+
+
+_WS_SUPPORTED = _ws_supported()
 
 
 def default_configs(head_dim: int, dtype: torch.dtype, block_size: int) -> dict[str, KernelConfig]:
-    """Per-kernel configs ('fwd', 'dkdv', 'dq') for bf16/fp16, picked by the sweep in benchmarks/attention.py.
+    """Per-kernel configs ('fwd', 'dkdv', 'dq'; optionally 'single_pass') for bf16/fp16, picked by the sweeps in
+    benchmarks/attention.py and benchmarks/kernel_variants.py.
 
     Measured on an H200 at Wan2.1 81 x 1560 tokens (D=128, 128-blocks; docs/benchmarks.md): a 128 x 128
     forward tile with 3 stages beats 128 x 64; the dK/dV pass is fastest with 64-row stationary key tiles
     and 4 warps (fewer live fp32 accumulators per thread), the dQ pass with 128 x 64 and 8 warps.  fp32
-    runs the dots in true fp32 (no tensor cores) with small tiles that fit registers.
+    runs the dots in true fp32 (no tensor cores) with small tiles that fit registers.  A 'single_pass' entry,
+    when present, replaces the dK/dV + dQ pair for non-deterministic backwards (none is: not measured faster).
     """
     if dtype == torch.float32:
         warps = 8 if head_dim > 64 else 4  # fp32 tiles at D=128 spill registers with 4 warps
@@ -471,11 +655,13 @@ def _check_config(cfg: KernelConfig, block_size: int, what: str) -> None:
         tile = getattr(cfg, name)
         if tile <= 0 or block_size % tile != 0 or tile & (tile - 1):
             raise ValueError(f"{what} config: {name}={tile} must be a power of two dividing block_size={block_size}")
+    if cfg.dq_reduce not in DQ_REDUCE_MODES:
+        raise ValueError(f"{what} config: dq_reduce={cfg.dq_reduce!r} must be one of {tuple(DQ_REDUCE_MODES)}")
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned base addresses and strides (last stride 1) - and a real GPU."""
-    if not _interpreting() and not all(t.is_cuda for t in tensors):
+    if not interpreting() and not all(t.is_cuda for t in tensors):
         return False
     for t in tensors:
         size = t.element_size()
@@ -508,6 +694,10 @@ def _kpm_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple
         return like, 0  # never read: HAS_KPM is False
     kpm = key_padding_mask.contiguous().view(torch.uint8)
     return kpm, kpm.stride(0)
+
+
+def _ws(cfg: KernelConfig) -> bool:
+    return cfg.warp_specialize and _WS_SUPPORTED
 
 
 def block_sparse_forward(
@@ -550,7 +740,8 @@ def block_sparse_forward(
         heads, n_ctx, nb, group_b, group_h, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         EVEN_N=n_ctx % block_size == 0, HAS_KPM=key_padding_mask is not None, PRECISION=_precision(q.dtype),
-        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, FOLD=cfg.fold_scale and scale > 0, LAZY=cfg.lazy_rescale, WS=_ws(cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -574,10 +765,16 @@ def block_sparse_backward(
     dkdv_config: KernelConfig | None = None,
     dq_config: KernelConfig | None = None,
     grads_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    deterministic: bool = True,
+    single_pass_config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward pass: ``(dq, dk, dv)`` (``None`` where not requested), no N x N buffer anywhere.
 
     ``grads_out``, when given, are the ``(dq, dk, dv)`` buffers to write (unit last stride).
+
+    Two kernels (dK/dV, then dQ; bit-reproducible) unless ``deterministic=False`` and a single-pass config is
+    given or is in :func:`default_configs` (none is today): then one dK/dV pass also reduce-adds dQ with fp32
+    atomics into a ``[B*H, Nb*block_size, D]`` buffer, scaled and cast afterwards.
     """
     bsz, heads, n_ctx, head_dim = q.shape
     nb = index.num_blocks
@@ -588,6 +785,9 @@ def block_sparse_backward(
     even = n_ctx % block_size == 0
     has_kpm = key_padding_mask is not None
     precision = _precision(q.dtype)
+    if single_pass_config is not None and deterministic:
+        raise ValueError("single_pass_config needs deterministic=False: the single-pass backward adds dQ with atomics")
+    single = None if deterministic or not (need_dq and need_dkdv) else (single_pass_config or defaults.get("single_pass"))
 
     delta = torch.empty((bsz * heads, n_pad), dtype=torch.float32, device=q.device)
     pre_block = 64
@@ -601,8 +801,8 @@ def block_sparse_backward(
 
     dq = dk = dv = None
     if need_dkdv:
-        cfg = dkdv_config or defaults["dkdv"]
-        _check_config(cfg, block_size, "dK/dV")
+        cfg = single or dkdv_config or defaults["dkdv"]
+        _check_config(cfg, block_size, "single-pass" if single else "dK/dV")
         if grads_out is not None:
             dk, dv = grads_out[1], grads_out[2]
         else:
@@ -610,8 +810,22 @@ def block_sparse_backward(
             dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         grid = (sched_cols.numel() * (block_size // cfg.block_n),)
         use_tma = cfg.tma and _tma_ok(q, do)
+        dq_mode = 0
+        dq_acc = delta  # never read without DQ_MODE
+        dq_arg = dq_acc
+        if single is not None:
+            dq_mode = DQ_REDUCE_MODES[cfg.dq_reduce]
+            dq_acc = torch.zeros((bsz * heads, n_pad, head_dim), dtype=torch.float32, device=q.device)
+            dq_arg = dq_acc
+            if dq_mode == 3:
+                if interpreting() or not _tma_ok(dq_acc):  # the interpreter has no descriptor reduce-add
+                    dq_mode = 1
+                else:
+                    from triton.tools.tensor_descriptor import TensorDescriptor
+
+                    dq_arg = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, cfg.block_m, head_dim])
         _attn_bwd_dkdv[grid](
-            _streamed(q, cfg.block_m, use_tma), k, v, _streamed(do, cfg.block_m, use_tma), dk, dv, lse, delta, kpm,
+            _streamed(q, cfg.block_m, use_tma), k, v, _streamed(do, cfg.block_m, use_tma), dk, dv, lse, delta, kpm, dq_arg,
             index.q_ptr, index.q_idx, sched_cols,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -623,8 +837,13 @@ def block_sparse_backward(
             heads, n_ctx, nb, group_b, group_h, scale * LOG2E, scale,
             HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             EVEN_N=even, HAS_KPM=has_kpm, PRECISION=precision,
-            USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            USE_TMA=use_tma, DQ_MODE=dq_mode, WS=_ws(cfg), Q_MAJOR=cfg.q_major,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if single is not None:
+            dq = grads_out[0] if grads_out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            dq.copy_(dq_acc.mul_(scale).view(bsz, heads, n_pad, head_dim)[:, :, :n_ctx])
+            return dq, dk, dv
     if need_dq:
         cfg = dq_config or defaults["dq"]
         _check_config(cfg, block_size, "dQ")
@@ -643,6 +862,6 @@ def block_sparse_backward(
             heads, n_ctx, nb, group_b, group_h, scale * LOG2E, scale,
             HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             EVEN_N=even, HAS_KPM=has_kpm, PRECISION=precision,
-            USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            USE_TMA=use_tma, WS=_ws(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dq, dk, dv

@@ -25,13 +25,14 @@ The interpreter (``TRITON_INTERPRET=1``) runs the same kernels on CPU for tests.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ..interpreter import interpreting
 
 __all__ = ["RangeLayout", "build_range_layout", "range_attention", "SUPPORTED_HEAD_DIMS"]
 
@@ -46,7 +47,7 @@ def _configs() -> list:
     sequence length, and ``cache_results=True`` keeps the winners in Triton's on-disk cache, so the sweep runs once
     per machine, not in every training run.
     """
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 

@@ -16,6 +16,7 @@ from sparse_attn import indices as indices_mod
 from sparse_attn import reference as reference_mod
 from sparse_attn.block_sparse import block_sparse_attention
 from sparse_attn.indices import block_index
+from sparse_attn.kernels import block_sparse as kernels_mod
 from sparse_attn.kernels.block_sparse import KernelConfig, block_sparse_backward, block_sparse_forward
 
 # ----------------------------------------------------------------------------------------- reference
@@ -178,6 +179,107 @@ def test_triton_strided_inputs_and_tma_path():
     out, lse = block_sparse_forward(q, k, v, idx, rows, block_size=bs, scale=0.2, config=tma)
     grads = block_sparse_backward(do, q, k, v, out, lse, idx, rows, cols, block_size=bs, scale=0.2, dkdv_config=tma, dq_config=tma)
     assert_close((out, *grads), ref, 1e-5)
+
+
+def _variant_case(dtype, seed, n=150, d=64, bs=64, b=2, h=2):
+    """Tail block (N % bs != 0), per-head mask with an empty query-block row, key padding with a fully padded batch
+    entry: everything a variant has to get right, at a size the interpreter runs in seconds."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(b, h, n, d, generator=gen).to(dtype) for _ in range(4))
+    nb = math.ceil(n / bs)
+    mask = torch.rand(h, nb, nb, generator=gen) < 0.6
+    mask[:, :, 0] = True
+    mask[:, :, nb - 1] = True  # the ragged tail key block is kept
+    mask[1, 0, :] = False  # head 1, query block 0: no kept block
+    kpm = torch.rand(b, n, generator=gen) < 0.7
+    kpm[1] = False  # batch 1: every key padded
+    return q, k, v, do, mask, kpm
+
+
+def _fp64(q, k, v, do, mask, bs, scale, kpm):
+    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = dense_reference(qr, kr, vr, mask, bs, scale, kpm)
+    ref.backward(do.double())
+    return ref, qr.grad, kr.grad, vr.grad
+
+
+@pytest.mark.parametrize(
+    "dtype,fwd_cfg,scale",
+    [
+        (torch.float32, KernelConfig(32, 32, 4, 2, fold_scale=True, lazy_rescale=True, warp_specialize=True), 2.0),
+        (torch.float16, KernelConfig(64, 32, 4, 2, lazy_rescale=True), 0.3),
+        (torch.float32, KernelConfig(32, 64, 4, 2, fold_scale=True), -0.4),  # negative scale: fold falls back
+    ],
+)
+def test_forward_variants_match_fp64(dtype, fwd_cfg, scale):
+    """fold_scale / lazy_rescale / warp_specialize forward (with the default backward) against fp64.  scale=2 makes
+    later key tiles raise row maxima by far more than the lazy threshold, so both rescale branches run."""
+    q, k, v, do, mask, kpm = _variant_case(dtype, seed=21)
+    b, h, bs = q.shape[0], q.shape[1], 64
+    idx = block_index(mask)
+    rows, cols = idx.schedule(b, h, transposed=False), idx.schedule(b, h, transposed=True)
+    out, lse = block_sparse_forward(q, k, v, idx, rows, block_size=bs, scale=scale, key_padding_mask=kpm, config=fwd_cfg)
+    grads = block_sparse_backward(do, q, k, v, out, lse, idx, rows, cols, block_size=bs, scale=scale, key_padding_mask=kpm)
+    assert_close((out, *grads), _fp64(q, k, v, do, mask, bs, scale, kpm), 1e-5 if dtype == torch.float32 else 3e-3)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # no valid key: zeros
+    assert torch.equal(out[0, 1, :bs], torch.zeros_like(out[0, 1, :bs]))  # empty query-block row
+
+
+@pytest.mark.parametrize(
+    "dtype,cfg",
+    [
+        (torch.float32, KernelConfig(32, 64, 4, 2, dq_reduce="atomic")),
+        (torch.float16, KernelConfig(32, 32, 4, 2, dq_reduce="atomic_swap", warp_specialize=True)),
+        (torch.float32, KernelConfig(64, 32, 4, 2, tma=True, dq_reduce="tma")),  # interpreter: atomic fallback
+        (torch.float16, KernelConfig(32, 64, 4, 2, q_major=True)),
+        (torch.float32, None),  # two-pass with a q-major dK/dV pass
+    ],
+)
+def test_single_pass_backward_matches_fp64(dtype, cfg):
+    """dK/dV program that also reduce-adds dQ (atomics), both score orientations, and the q-major two-pass dK/dV:
+    tail block, key padding, empty rows, against fp64."""
+    q, k, v, do, mask, kpm = _variant_case(dtype, seed=31)
+    b, h, bs, scale = q.shape[0], q.shape[1], 64, 0.2
+    idx = block_index(mask)
+    rows, cols = idx.schedule(b, h, transposed=False), idx.schedule(b, h, transposed=True)
+    out, lse = block_sparse_forward(q, k, v, idx, rows, block_size=bs, scale=scale, key_padding_mask=kpm)
+    if cfg is None:
+        dq, dk, dv = block_sparse_backward(do, q, k, v, out, lse, idx, rows, cols, block_size=bs, scale=scale,
+                                           key_padding_mask=kpm, dkdv_config=KernelConfig(32, 64, 4, 2, q_major=True))
+    else:
+        dq, dk, dv = block_sparse_backward(do, q, k, v, out, lse, idx, rows, cols, block_size=bs, scale=scale,
+                                           key_padding_mask=kpm, deterministic=False, single_pass_config=cfg)
+    assert dq.dtype == dtype and dq.shape == q.shape
+    assert_close((out, dq, dk, dv), _fp64(q, k, v, do, mask, bs, scale, kpm), 1e-5 if dtype == torch.float32 else 3e-3)
+    for g in (dq, dk, dv):
+        assert torch.equal(g[1], torch.zeros_like(g[1]))  # batch without a valid key
+    assert torch.equal(dk[0][:, ~kpm[0]], torch.zeros_like(dk[0][:, ~kpm[0]]))  # padded keys: no gradient
+    assert torch.equal(dq[0, 1, :bs], torch.zeros_like(dq[0, 1, :bs]))  # empty query-block row
+
+
+def test_single_pass_selection(monkeypatch):
+    """A 'single_pass' default config is used only for deterministic=False (then the dQ kernel never launches);
+    asking for it explicitly with deterministic=True is an error."""
+    q, k, v, do, mask, kpm = _variant_case(torch.float32, seed=41, n=128)
+    idx = block_index(mask)
+    rows, cols = idx.schedule(2, 2, transposed=False), idx.schedule(2, 2, transposed=True)
+    out, lse = block_sparse_forward(q, k, v, idx, rows, block_size=64, scale=0.125)
+    args = (do, q, k, v, out, lse, idx, rows, cols)
+    with pytest.raises(ValueError, match="single_pass_config needs deterministic=False"):
+        block_sparse_backward(*args, block_size=64, scale=0.125, single_pass_config=KernelConfig(32, 32, 4, 2))
+    with pytest.raises(ValueError, match="dq_reduce='x' must be one of"):
+        block_sparse_backward(*args, block_size=64, scale=0.125, deterministic=False,
+                              single_pass_config=KernelConfig(32, 32, 4, 2, dq_reduce="x"))
+    two_pass = block_sparse_backward(*args, block_size=64, scale=0.125, deterministic=False)  # no default: two kernels
+    real = kernels_mod.default_configs
+    monkeypatch.setattr(kernels_mod, "default_configs",
+                        lambda *a: {**real(*a), "single_pass": KernelConfig(32, 32, 4, 2, dq_reduce="atomic_swap")})
+    monkeypatch.setattr(kernels_mod, "_attn_bwd_dq", None)  # launching the dQ kernel now fails
+    single = block_sparse_backward(*args, block_size=64, scale=0.125, deterministic=False)
+    for a, b_ in zip(single, two_pass):
+        assert rel(a, b_) < 1e-5
+    with pytest.raises(TypeError):  # deterministic: the two-kernel path, i.e. the (removed) dQ kernel
+        block_sparse_backward(*args, block_size=64, scale=0.125, deterministic=True)
 
 
 def test_grad_only_for_some_inputs():

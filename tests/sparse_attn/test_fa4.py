@@ -44,6 +44,12 @@ def test_fa4_refuses_deterministic(fake_fa4):
         bs_mod._resolve_backend("fa4", _cuda_q(), 128, True)
 
 
+def test_fa4_backward_refuses_deterministic():
+    """The one guard left for callers that reach the op directly (SVG2's block form with backend='fa4')."""
+    with pytest.raises(ValueError, match="^backend 'fa4' has no deterministic block-sparse backward"):
+        fa4.backward(*([None] * 12), True, None)
+
+
 def test_auto_resolution_with_fa4(fake_fa4):
     assert bs_mod._resolve_backend("auto", _cuda_q(), 128, False) == "fa4"
     assert bs_mod._resolve_backend("auto", _cuda_q(d=64, dtype=torch.float16), 128, False) == "fa4"
