@@ -629,8 +629,10 @@ def default_configs(head_dim: int, dtype: torch.dtype, block_size: int) -> dict[
     benchmarks/attention.py and benchmarks/kernel_variants.py.
 
     Measured on an H200 at Wan2.1 81 x 1560 tokens (D=128, 128-blocks; docs/benchmarks.md): a 128 x 128
-    forward tile with 3 stages beats 128 x 64; the dK/dV pass is fastest with 64-row stationary key tiles
-    and 4 warps (fewer live fp32 accumulators per thread), the dQ pass with 128 x 64 and 8 warps.  fp32
+    forward tile with 3 stages beats 128 x 64, and folding the scale into one FMA (``fold_scale``) saves 3% of
+    the forward; the dK/dV pass is fastest with 64-row stationary key tiles, 4 warps (fewer live fp32
+    accumulators per thread) and 4 stages (1% over 3), the dQ pass with 128 x 64 and 8 warps.  Lazy rescaling,
+    q-major dK/dV, warp specialisation and every single-pass backward measured no faster (or failed to compile).  fp32
     runs the dots in true fp32 (no tensor cores) with small tiles that fit registers.  A 'single_pass' entry,
     when present, replaces the dK/dV + dQ pair for non-deterministic backwards (none is: not measured faster).
     """
@@ -644,8 +646,8 @@ def default_configs(head_dim: int, dtype: torch.dtype, block_size: int) -> dict[
     if block_size == 64:
         return {"fwd": KernelConfig(64, 64, 4, 3), "dkdv": KernelConfig(64, 64, 4, 3), "dq": KernelConfig(64, 64, 4, 3)}
     return {
-        "fwd": KernelConfig(128, 128, 8, 3),
-        "dkdv": KernelConfig(64, 64, 4, 3),
+        "fwd": KernelConfig(128, 128, 8, 3, fold_scale=True),
+        "dkdv": KernelConfig(64, 64, 4, 4),
         "dq": KernelConfig(128, 64, 8, 2 if head_dim > 64 else 3),
     }
 
