@@ -1,6 +1,7 @@
-"""Checkpoint folders: written complete or not at all, rotated, found again on resume.
+"""The checkpoint folder format, written and read here only: complete or not at all, rotated, found again on
+resume, resolved for export and ``sample.py --lora``.
 
-Layout (read by train/export.py)::
+Layout::
 
     <run>/checkpoints/checkpoint-<step:06d>/
         accelerate/                 accelerator.save_state: model/engine, optimizer, scheduler, RNG, EMA
@@ -11,23 +12,33 @@ Layout (read by train/export.py)::
     <run>/final/                    the same without accelerate/ and training_state.json
 
 Every folder is assembled under a hidden temporary name and renamed when complete, so an interrupted save
-never leaves a folder that looks usable.
+never leaves a folder that looks usable. The trainer writes (train/saving.py gathers the weights and calls
+``write_weights``/``write_json``); train/resume.py, train/exporting.py and train/sampling.py read through
+``list_checkpoints``/``damage``/``resolve_checkpoint``/``load_lora_state``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors.torch import save_file
 
 from train.config import write_text_atomic
+from train.models import ADAPTERS
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")  # peft: <module>.lora_A/B.weight
+
+# File names of an export folder (train/exporting.py writes them; train/sampling.py and the model card read them).
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: load_lora_weights(dir) prefers it
+COMFYUI_FILE = "lora_comfyui.safetensors"
 
 
 def checkpoint_name(step: int) -> str:
@@ -163,3 +174,117 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading a checkpoint (export, sample --lora)
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint folder of a run (``final/`` or ``checkpoints/checkpoint-N``) and what it says about itself."""
+
+    folder: Path
+    meta: dict[str, Any]
+    config_path: Optional[Path]  # <run>/config.yaml when present
+
+    @property
+    def family(self) -> str:
+        return str(self.meta["family"])
+
+    @property
+    def mode(self) -> str:
+        return str(self.meta["mode"])
+
+    @property
+    def lora_path(self) -> Path:
+        return self.folder / "weights" / "lora.safetensors"
+
+    @property
+    def transformer_path(self) -> Path:
+        return self.folder / "weights" / "transformer"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A run folder (-> final/ if present, else the newest checkpoint) or a checkpoint folder."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"--checkpoint: {root} does not exist")
+    if (root / "meta.json").is_file():
+        folder = root
+    elif (root / "final" / "meta.json").is_file():
+        folder = root / "final"
+    else:
+        found = [c for c in list_checkpoints(root) if (c / "meta.json").is_file()]
+        if not found:
+            raise ValueError(
+                f"--checkpoint: {root} holds no checkpoint (expected meta.json, final/meta.json or "
+                "checkpoints/checkpoint-<step>/meta.json)"
+            )
+        folder = found[-1]
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--checkpoint: {folder / 'meta.json'} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    _check_meta(meta, folder)
+    run_dir = folder.parent if folder.name == "final" else folder.parent.parent
+    config = run_dir / "config.yaml"
+    ckpt = Checkpoint(folder=folder, meta=meta, config_path=config if config.is_file() else None)
+    if ckpt.mode == "lora" and not ckpt.lora_path.is_file():
+        raise FileNotFoundError(f"--checkpoint: {ckpt.lora_path} is missing (meta.json says mode=lora)")
+    if ckpt.mode == "full" and not (ckpt.transformer_path / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint: {ckpt.transformer_path}/config.json is missing (meta.json says mode=full)")
+    return ckpt
+
+
+def _check_meta(meta: Any, folder: Path) -> None:
+    where = folder / "meta.json"
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    for key in ("family", "mode", "pretrained"):
+        if key not in meta:
+            raise ValueError(f"{where}: missing key '{key}'")
+    if meta["family"] not in ADAPTERS:
+        raise ValueError(f"{where}: family: expected one of {', '.join(ADAPTERS)}; got {meta['family']!r}")
+    if meta["mode"] not in ("lora", "full"):
+        raise ValueError(f"{where}: mode: expected lora or full; got {meta['mode']!r}")
+    if meta["mode"] == "lora":
+        lora = meta.get("lora")
+        if not isinstance(lora, dict) or "rank" not in lora or "alpha" not in lora:
+            raise ValueError(f"{where}: lora: expected an object with rank, alpha and target_modules")
+
+
+def load_lora_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The peft state dict of the checkpoint (fp32), checked to hold only complete lora_A/lora_B pairs."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(ckpt.lora_path))
+    except Exception as err:  # noqa: BLE001 - safetensors has its own error type for a damaged/truncated file
+        raise ValueError(f"{ckpt.lora_path} is damaged ({str(err).splitlines()[0][:200]}); use another checkpoint") from None
+    check_lora_state(state, rank=int(ckpt.meta["lora"]["rank"]), source=str(ckpt.lora_path))
+    return state
+
+
+def check_lora_state(state: Mapping[str, torch.Tensor], *, rank: Optional[int] = None, source: str = "LoRA state") -> list[str]:
+    """Module names of a peft LoRA state dict; raises on keys that are not plain LoRA pairs."""
+    if not state:
+        raise ValueError(f"{source}: holds no LoRA tensors")
+    halves: dict[str, set[str]] = {}
+    for key, value in state.items():
+        m = LORA_KEY.match(key)
+        if m is None:
+            raise ValueError(
+                f"{source}: unsupported key {key!r} (expected <module>.lora_A.weight / <module>.lora_B.weight; "
+                "DoRA, LoRA bias and adapter-named keys are not exported)"
+            )
+        halves.setdefault(m["module"], set()).add(m["ab"])
+        if value.ndim != 2:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}; expected a 2-D LoRA factor")
+        r = value.shape[0] if m["ab"] == "A" else value.shape[1]
+        if rank is not None and r != rank:
+            raise ValueError(f"{source}: {key} has rank {r}, but meta.json says lora.rank={rank}")
+    for module, ab in halves.items():
+        if ab != {"A", "B"}:
+            raise ValueError(f"{source}: module {module!r} has lora_{''.join(sorted(ab))} only; both lora_A and lora_B are needed")
+    return sorted(halves)
