@@ -171,7 +171,7 @@ class Trainer:
             from data.cache import open_cache
 
             if not (Path(cfg.data.cache_dir) / "manifest.json").is_file():
-                from train.precompute import precompute
+                from train.latents import precompute
 
                 self._print(f"data.cache_dir {cfg.data.cache_dir} holds no cache yet: encoding the dataset once")
                 with self._no_zero3_init():  # every rank encodes its own shards with whole encoders
