@@ -65,5 +65,5 @@ def test_rerun_is_a_no_op_and_other_setups_are_refused(recipe, capsys):
     assert "latent cache: 3 clips" in capsys.readouterr().out
     assert main(["--config", str(recipe), "--dtype", "float32", "--shard-size", "2", "data.height=48"]) == 2
     err = capsys.readouterr().err  # one error line (the differences follow it, one per line)
-    assert re.search(r"^error: .*holds a cache for a different setup;.*\n  height: cache has 32, expected 48", err, re.S)
+    assert re.search(r"(^|\n)error: .*holds a cache for a different setup;.*\n  height: cache has 32, expected 48", err, re.S)
     assert check_manifest(cfg.data.cache_dir, {"height": 32})["count"] == 3  # untouched
