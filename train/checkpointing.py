@@ -25,13 +25,16 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 from safetensors.torch import save_file
 
-from train.config import write_text_atomic
+from train.config import config_to_dict, save_config, write_text_atomic
 from train.models import ADAPTERS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from train.run import Run
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")  # peft: <module>.lora_A/B.weight
@@ -174,6 +177,104 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing a checkpoint / final/ from a live run (the trainer; collective calls run on every rank)
+
+
+def _meta(run: "Run") -> dict[str, Any]:
+    """meta.json: what export, the model card and ``sample.py --lora`` need to know about the weights."""
+    c = run.cfg
+    plugin = getattr(run.accelerator.state, "deepspeed_plugin", None)
+    zero = int(plugin.zero_stage) if plugin is not None else 0
+    return {
+        "step": run.pos.step,
+        "family": c.model.family,
+        "mode": c.train.mode,
+        "pretrained": c.model.pretrained,
+        "revision": c.model.revision,
+        "lora": config_to_dict(c.lora),
+        "attention": config_to_dict(c.attention),
+        "data": {"frames": c.data.frames, "height": c.data.height, "width": c.data.width, "fps": c.data.fps, "path": c.data.path},
+        "train": {"max_steps": c.train.max_steps, "learning_rate": c.train.learning_rate, "batch_size": c.train.batch_size},
+        "world_size": run.accelerator.num_processes,
+        "zero_stage": zero,
+        "ema": c.train.ema.enabled,
+    }
+
+
+class _FullModelWriter:
+    """save_pretrained of a full fine-tune with the (possibly ZeRO-3-gathered) state dict."""
+
+    def __init__(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self.model, self.state = model, state
+
+    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
+        self.model.save_pretrained(path, state_dict=self.state, safe_serialization=safe_serialization)
+
+
+def _write_run_weights(run: "Run", folder: Path) -> None:
+    """Gather trainable weights (collective under ZeRO-3) and write them on the main process; the hooks may
+    replace them first (EMA writes its averages)."""
+    state = run.accelerator.get_state_dict(run.transformer)  # collective under ZeRO-3; None on other ranks there
+    if not run.is_main:
+        return
+    unwrapped = run.accelerator.unwrap_model(run.transformer)
+    state = dict(state)
+    run.hooks.on_save_weights(run, state)
+    if run.cfg.train.mode == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        write_weights(folder, lora_state=get_peft_model_state_dict(unwrapped, state_dict=state))
+    else:
+        write_weights(folder, lora_state=None, full_model=_FullModelWriter(unwrapped, state))
+    write_json(folder / "meta.json", _meta(run))
+
+
+def save_checkpoint(run: "Run") -> Path:
+    """``<run>/checkpoints/checkpoint-<step>``: accelerate state, weights, meta, position, recipe; then rotation."""
+    acc = run.accelerator
+    final = run.run_dir / "checkpoints" / checkpoint_name(run.pos.step)
+    tmp = staging_dir(final)
+    if run.is_main:
+        begin(final)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "accelerate"))
+    _write_run_weights(run, tmp)
+    run.pos.newest_checkpoint = final.name
+    if run.is_main:
+        write_json(tmp / "training_state.json", run.pos.__dict__)
+        save_config(run.cfg, tmp / "config.yaml")  # the recipe these weights were trained with (resume checks it)
+    acc.wait_for_everyone()
+    if run.is_main:
+        commit(tmp, final)
+        rotate(run.run_dir, run.cfg.train.checkpoints_keep, protect=run.pos.protected_checkpoint)
+        run.print(f"checkpoint -> {final}")
+    acc.wait_for_everyone()
+    return final
+
+
+def save_final(run: "Run") -> Path:
+    """``<run>/final``: weights, meta and the recipe (no optimizer state: not for resuming)."""
+    acc = run.accelerator
+    final = run.run_dir / "final"
+    tmp = staging_dir(final)
+    if run.is_main:
+        begin(final)
+    acc.wait_for_everyone()
+    _write_run_weights(run, tmp)
+    if run.is_main:
+        save_config(run.cfg, tmp / "config.yaml")
+    acc.wait_for_everyone()
+    if run.is_main:
+        commit(tmp, final)
+    acc.wait_for_everyone()
+    return final
+
+
+def read_position(folder: Path) -> dict[str, Any]:
+    """What ``training_state.json`` of a checkpoint says (train.run.Position's fields)."""
+    return read_json(Path(folder) / "training_state.json")
 
 
 # ----------------------------------------------------------------------------------------------------------------
