@@ -1,37 +1,33 @@
-"""The fine-tuning loop: data -> noise level -> forward through sparse attention -> flow-matching loss -> step.
+"""The fine-tuning loop as stages over one :class:`train.run.Run`.
 
 A run goes through five stages (``Trainer.run``): *prepare* (generated inputs, recipe checks, data, the run folder;
 nothing is written before the whole recipe checked out), *load* (model, optimizer, accelerate, attention,
 encoders, hooks), *resume* (accelerate state and loop position of a checkpoint), *steps*, *finish* (final weights,
-summary). The run's objects live in one :class:`train.run.Run`; what happens around the step (EMA, bad-step
-handling, validation, export) lives in hooks (train/hooks/); the checkpoint folder format in train/checkpointing.py.
+summary). The step itself is train/step.py; what happens around it (EMA, bad-step handling, validation, export)
+lives in hooks (train/hooks/); the checkpoint folder format in train/checkpointing.py.
 
 Everything distributed goes through accelerate (DDP or DeepSpeed ZeRO-2/3, chosen by the accelerate config
 the run is launched with); everything model-specific goes through the family adapter (train/models/).
-A resumed run continues with the same losses as an uninterrupted one: noise and noise levels are drawn from
-generators seeded by (seed, step, micro-batch, rank), and the data order is a deterministic function of
-(seed, epoch) from which the consumed batches are skipped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from train import checkpointing, tracking
 from train.config import config_to_dict, dump_config, save_config
 from train.config_schema import RecipeConfig
 from train.errors import OOM_ADVICE, UserError
-from train.geometry import VideoGeometry
 from train.hooks import default_hooks
 from train.models import get_adapter
 from train.run import Position, Run, TrainResult, no_zero3_init
+from train.step import batches, one_step
+from train.summary import summary
 
 __all__ = ["Trainer", "TrainResult", "train"]
 
@@ -184,7 +180,7 @@ class Trainer:
         cfg = self.cfg
         run.transformer, run.params = self._build_model(run)
         run.optimizer, run.scheduler = self._build_optimizer(run.params)
-        run.loader = _batches(run)
+        run.loader = batches(run)
         run.hooks.on_loaded(run)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:  # what accelerate cannot fill: micro-batch, clipping, ZeRO-3 buckets (diffusers width)
@@ -302,61 +298,8 @@ class Trainer:
         return result
 
     def _one_step(self, run: Run) -> tuple[float, dict]:
-        """One optimizer step = gradient_accumulation_steps micro-batches. A non-finite loss on any rank skips
-        the step on every rank (a zero loss that still touches every trainable parameter keeps ranks in step)."""
-        cfg, acc = self.cfg, self.accelerator
-        t0 = time.perf_counter()
-        losses, tokens, samples, densities, bad = [], 0, 0, [], False
-        for micro in range(cfg.train.gradient_accumulation_steps):
-            batch = next(run.loader)
-            if batch.get("failed"):
-                run.data_report.record_failures(batch["failed"])
-            with acc.accumulate(run.transformer):
-                if batch_size(batch) == 0:  # every clip failed to decode (counted above): still run a forward, so
-                    if run.last_good is None:  # that DDP/ZeRO ranks stay in step, on the last good batch, as NaN
-                        raise UserError("the first batch failed to decode entirely; check the videos (data.on_bad_video)")
-                    loss, geometry = _micro_step(run, run.last_good, micro)
-                    loss = loss * float("nan")
-                else:
-                    run.last_good = batch
-                    loss, geometry = _micro_step(run, batch, micro)
-                finite = _all_finite(acc, loss)
-                if not finite:
-                    bad = True
-                    loss = sum(p.sum() for p in run.params) * 0.0
-                acc.backward(loss * (run.sp.size if run.sp is not None else 1))
-                grad_norm = None
-                if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(run.params, cfg.train.max_grad_norm)
-                if not (bad and acc.sync_gradients and acc.distributed_type.value != "DEEPSPEED"):
-                    run.optimizer.step()
-                elif acc.scaler is not None:  # fp16: the skipped step must still reset the scaler
-                    acc.scaler.update()
-                run.scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            if finite:
-                losses.append(float(loss.detach()))
-            samples += batch_size(batch)
-            tokens += batch_size(batch) * geometry.video_tokens
-            if run.router is not None:
-                densities.append(float(run.router.density()))
-        run.pos.step += 1
-        run.hooks.on_optimizer_step(run, skipped=bad)
-        dt = time.perf_counter() - t0
-        world = run.dp_size  # ranks of one sequence-parallel group work on the same samples
-        stats = {
-            "lr": run.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "step_time_s": dt,
-            "samples_per_s": samples * world / dt,
-            "tokens_per_s": tokens * world / dt,
-            "attention_density": sum(densities) / len(densities) if densities else 1.0,
-            "bad_steps": run.pos.bad_total,
-            **run.data_report.as_dict(),
-        }
-        if torch.cuda.is_available():
-            stats["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return (sum(losses) / len(losses) if losses else float("nan")), stats
+        """One optimizer step (train/step.py); benchmarks override this to profile it."""
+        return one_step(run)
 
     def _after_step(self, run: Run, loss: float, stats: dict, progress: Any) -> None:
         """Log the step, write a checkpoint when one is due (never right after a bad step), then the hooks."""
@@ -389,80 +332,8 @@ class Trainer:
         checkpointing.save_final(run)
         run.hooks.on_train_end(run, result)
         self.accelerator.end_training()
-        run.print(_summary(run, result))
+        run.print(summary(run, result))
         return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the pieces of a step
-
-
-def _micro_step(run: Run, batch: dict, micro: int) -> tuple[torch.Tensor, VideoGeometry]:
-    adapter, device = run.adapter, run.device
-    gen = torch.Generator().manual_seed(_noise_seed(run, micro))
-    latents, cond = _conditioning(run, batch)
-    geometry = run.geometry(*clip_shape(batch))
-    noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, latents.dtype)
-    sigmas = adapter.sample_sigmas(latents.shape[0], gen, torch.device("cpu")).to(device)
-    noisy, timesteps, target = adapter.training_pair(latents, noise, sigmas)
-    if run.router is not None:
-        run.router.begin_step()
-    pred = adapter.predict(run.transformer, noisy.to(run.weight_dtype), timesteps, cond)
-    loss = F.mse_loss(pred.float(), target.float())
-    return loss, geometry
-
-
-def _noise_seed(run: Run, micro: int) -> int:
-    return (run.cfg.train.seed * 1_000_003 + run.pos.step * 1009 + micro * 101 + run.dp_rank) % (2**63)
-
-
-@torch.no_grad()
-def _conditioning(run: Run, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    device = run.device
-    if "latents" in batch:  # precomputed cache
-        latents = batch["latents"].to(device, torch.float32)
-        cond = {k: v.to(device) for k, v in batch["cond"].items()}
-        return latents, cond
-    pixels = batch["pixels"].to(device, torch.float32)
-    latents = run.adapter.encode_videos(run.encoders, pixels).float()
-    cond = run.adapter.encode_prompts(run.encoders, list(batch["captions"]))
-    return latents, {k: v.to(device) if torch.is_tensor(v) else v for k, v in cond.items()}
-
-
-def _all_finite(accelerator: Any, loss: torch.Tensor) -> bool:
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
-    return bool(accelerator.gather(flag).min() > 0)
-
-
-def _batches(run: Run) -> Iterator[dict]:
-    """Endless iterator over batches that records its position (epoch, batch) for resume."""
-    from data.dataset import make_dataloader
-
-    while True:
-        loader = make_dataloader(
-            run.dataset,
-            run.cfg.data,
-            batch_size=run.cfg.train.batch_size,
-            seed=run.cfg.train.seed,
-            epoch=run.pos.epoch,
-            rank=run.dp_rank,
-            world_size=run.dp_size,
-            skip_batches=run.pos.batches_in_epoch,
-        )
-        for batch in loader:
-            run.pos.batches_in_epoch += 1
-            yield batch
-        run.pos.epoch += 1
-        run.pos.batches_in_epoch = 0
-
-
-def batch_size(batch: dict) -> int:
-    return int(batch["batch_size"])
-
-
-def clip_shape(batch: dict) -> tuple[int, int, int]:
-    """Pixel (frames, height, width) of the clips of a batch (the collate functions put it beside the tensors)."""
-    return tuple(int(x) for x in batch["clip_shape"])  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -500,40 +371,3 @@ def _progress(run: Run) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=run.cfg.train.max_steps, initial=run.pos.step, desc="train", dynamic_ncols=True)
-
-
-def _summary(run: Run, result: TrainResult) -> str:
-    run_dir = run.run_dir
-    lines = [
-        "done.",
-        f"  run folder:      {run_dir}",
-        f"  resolved config: {run_dir / 'config.yaml'}",
-        f"  final weights:   {result.final_dir / 'weights'}",
-        f"  checkpoints:     {run_dir / 'checkpoints'}",
-    ]
-    if result.losses:
-        k = max(1, min(5, len(result.losses) // 2))
-        first, last = result.losses[:k], result.losses[-k:]
-        lines.append(f"  loss:            {sum(first) / k:.4f} (mean of the first {k} steps) -> {sum(last) / k:.4f} (last {k})")
-    if result.bad_steps:
-        lines.append(f"  skipped steps:   {result.bad_steps} (non-finite loss)")
-    lines.extend(_data_summary(run.data_report))
-    if run.cfg.tracking.report_to == "wandb":
-        lines.append(f"  wandb:           {run_dir / 'wandb'}  (offline runs: `wandb sync <that folder>/offline-run-*`)")
-    if result.exported_to is not None:
-        lines.append(f"  export:          {result.exported_to}")
-    return "\n".join(lines)
-
-
-def _data_summary(report: Any) -> list[str]:
-    """The data lines of the final summary: what was used and what was skipped (and why)."""
-    if report is None:
-        return []
-    skipped = {r: n for r, n in report.skipped.items() if n}
-    why = f" ({', '.join(f'{r}: {n}' for r, n in skipped.items())})" if skipped else ""
-    lines = [f"  data:            {report.videos} videos, {report.kept} used ({report.clips} clips), "
-             f"{report.total_skipped} skipped{why}"]
-    if report.decode_failures:
-        lines.append(f"  decode failures: {report.decode_failures} during training ({len(report.failed_videos)} videos; "
-                     "each replaced by another clip)")
-    return lines
