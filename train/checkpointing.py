@@ -12,9 +12,9 @@ Layout::
     <run>/final/                    the same without accelerate/ and training_state.json
 
 Every folder is assembled under a hidden temporary name and renamed when complete, so an interrupted save
-never leaves a folder that looks usable. The trainer writes (train/saving.py gathers the weights and calls
-``write_weights``/``write_json``); train/resume.py, train/exporting.py and train/sampling.py read through
-``list_checkpoints``/``damage``/``resolve_checkpoint``/``load_lora_state``.
+never leaves a folder that looks usable. The trainer writes through ``save_checkpoint``/``save_final`` (from its
+``train.run.Run``); train/resume.py (``list_checkpoints``, ``damage``, ``read_position``), train/exporting.py and
+train/sampling.py (``resolve_checkpoint``, ``load_lora_state``) read.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from train.run import Run
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+ACCELERATE_DIR = "accelerate"
+META_FILE = "meta.json"
+POSITION_FILE = "training_state.json"
+RECIPE_FILE = "config.yaml"
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")  # peft: <module>.lora_A/B.weight
 
 # File names of an export folder (train/exporting.py writes them; train/sampling.py and the model card read them).
@@ -64,10 +68,10 @@ def damage(folder: Path) -> Optional[str]:
     archives have their central directory (a truncated file loses it), and the files a resume needs are there.
     """
     folder = Path(folder)
-    if not (folder / "accelerate").is_dir():
-        return f"{folder / 'accelerate'} is missing"
-    if not (folder / "training_state.json").is_file():
-        return f"{folder / 'training_state.json'} is missing"
+    if not (folder / ACCELERATE_DIR).is_dir():
+        return f"{folder / ACCELERATE_DIR} is missing"
+    if not (folder / POSITION_FILE).is_file():
+        return f"{folder / POSITION_FILE} is missing"
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         problem = _file_damage(path)
         if problem:
@@ -228,7 +232,7 @@ def _write_run_weights(run: "Run", folder: Path) -> None:
         write_weights(folder, lora_state=get_peft_model_state_dict(unwrapped, state_dict=state))
     else:
         write_weights(folder, lora_state=None, full_model=_FullModelWriter(unwrapped, state))
-    write_json(folder / "meta.json", _meta(run))
+    write_json(folder / META_FILE, _meta(run))
 
 
 def save_checkpoint(run: "Run") -> Path:
@@ -239,12 +243,12 @@ def save_checkpoint(run: "Run") -> Path:
     if run.is_main:
         begin(final)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp / "accelerate"))
+    acc.save_state(str(tmp / ACCELERATE_DIR))
     _write_run_weights(run, tmp)
     run.pos.newest_checkpoint = final.name
     if run.is_main:
-        write_json(tmp / "training_state.json", run.pos.__dict__)
-        save_config(run.cfg, tmp / "config.yaml")  # the recipe these weights were trained with (resume checks it)
+        write_json(tmp / POSITION_FILE, run.pos.__dict__)
+        save_config(run.cfg, tmp / RECIPE_FILE)  # the recipe these weights were trained with (resume checks it)
     acc.wait_for_everyone()
     if run.is_main:
         commit(tmp, final)
@@ -264,7 +268,7 @@ def save_final(run: "Run") -> Path:
     acc.wait_for_everyone()
     _write_run_weights(run, tmp)
     if run.is_main:
-        save_config(run.cfg, tmp / "config.yaml")
+        save_config(run.cfg, tmp / RECIPE_FILE)
     acc.wait_for_everyone()
     if run.is_main:
         commit(tmp, final)
@@ -274,7 +278,7 @@ def save_final(run: "Run") -> Path:
 
 def read_position(folder: Path) -> dict[str, Any]:
     """What ``training_state.json`` of a checkpoint says (train.run.Position's fields)."""
-    return read_json(Path(folder) / "training_state.json")
+    return read_json(Path(folder) / POSITION_FILE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,12 +315,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"--checkpoint: {root} does not exist")
-    if (root / "meta.json").is_file():
+    if (root / META_FILE).is_file():
         folder = root
-    elif (root / "final" / "meta.json").is_file():
+    elif (root / "final" / META_FILE).is_file():
         folder = root / "final"
     else:
-        found = [c for c in list_checkpoints(root) if (c / "meta.json").is_file()]
+        found = [c for c in list_checkpoints(root) if (c / META_FILE).is_file()]
         if not found:
             raise ValueError(
                 f"--checkpoint: {root} holds no checkpoint (expected meta.json, final/meta.json or "
@@ -324,12 +328,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
             )
         folder = found[-1]
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads((folder / META_FILE).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"--checkpoint: {folder / 'meta.json'} is not valid JSON ({err.msg} at line {err.lineno})") from None
     _check_meta(meta, folder)
     run_dir = folder.parent if folder.name == "final" else folder.parent.parent
-    config = run_dir / "config.yaml"
+    config = run_dir / RECIPE_FILE
     ckpt = Checkpoint(folder=folder, meta=meta, config_path=config if config.is_file() else None)
     if ckpt.mode == "lora" and not ckpt.lora_path.is_file():
         raise FileNotFoundError(f"--checkpoint: {ckpt.lora_path} is missing (meta.json says mode=lora)")
@@ -339,7 +343,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _check_meta(meta: Any, folder: Path) -> None:
-    where = folder / "meta.json"
+    where = folder / META_FILE
     if not isinstance(meta, dict):
         raise ValueError(f"{where}: expected a JSON object")
     for key in ("family", "mode", "pretrained"):

@@ -49,7 +49,8 @@ def _may_change(key: str) -> bool:
 
 def recipe_of(checkpoint: Path, run_dir: Path) -> Optional[RecipeConfig]:
     """The recipe the checkpoint was trained with: its own config.yaml, else the run's (older checkpoints)."""
-    for path in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml", run_dir / "config.yaml"):
+    name = checkpointing.RECIPE_FILE
+    for path in (checkpoint / name, checkpoint.parent.parent / name, run_dir / name):
         if path.is_file():
             try:
                 return load_config(path)

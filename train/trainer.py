@@ -267,9 +267,10 @@ class Trainer:
         if checkpoint is None:
             return
         try:
-            self.accelerator.load_state(str(checkpoint / "accelerate"))
+            self.accelerator.load_state(str(checkpoint / checkpointing.ACCELERATE_DIR))
         except (RuntimeError, OSError, ValueError, EOFError) as err:
-            raise UserError(f"train.resume_from: cannot load {checkpoint / 'accelerate'}: {str(err).splitlines()[0]}") from err
+            where = checkpoint / checkpointing.ACCELERATE_DIR
+            raise UserError(f"train.resume_from: cannot load {where}: {str(err).splitlines()[0]}") from err
         run.hooks.on_resumed(run)
         run.pos = Position(**checkpointing.read_position(checkpoint))
         apply_learning_rate(run.optimizer, run.scheduler, run.plan.changes.get("train.learning_rate"))
