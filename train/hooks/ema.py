@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from train.hooks import Hook
+from train.hooks.base import Hook
 
 if TYPE_CHECKING:  # pragma: no cover
     from train.run import Run

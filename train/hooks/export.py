@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from train.hooks import Hook
+from train.hooks.base import Hook
 
 if TYPE_CHECKING:  # pragma: no cover
     from train.run import Run, TrainResult

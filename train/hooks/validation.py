@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from train import tracking
-from train.hooks import Hook
+from train.hooks.base import Hook
 from train.run import no_zero3_init
 
 if TYPE_CHECKING:  # pragma: no cover
