@@ -58,13 +58,13 @@ def main() -> None:
     profiles: list = []
 
     class ProfiledTrainer(base):  # type: ignore[misc, valid-type]
-        def _one_step(self, *a, **kw):  # profile the step after the warm-up ones
-            if self.pos.step < args.warmup:
-                return super()._one_step(*a, **kw)
+        def _one_step(self, run):  # profile the step after the warm-up ones
+            if run.pos.step < args.warmup:
+                return super()._one_step(run)
             torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                     torch.profiler.ProfilerActivity.CPU]) as prof:
-                out = super()._one_step(*a, **kw)
+                out = super()._one_step(run)
                 torch.cuda.synchronize()
             profiles.append(prof)
             return out

@@ -201,9 +201,9 @@ def flex_trainer_class() -> type:
     from train.trainer import Trainer
 
     class FlexTrainer(Trainer):
-        def _install_attention(self, adapter: Any, model: Any, geometry: Any) -> None:
-            super()._install_attention(adapter, model, geometry)
-            use_flex(self.router)
+        def _install_attention(self, run: Any) -> None:
+            super()._install_attention(run)
+            use_flex(run.router)
 
     return FlexTrainer
 

@@ -1,6 +1,7 @@
-"""Checkpoint folders: written complete or not at all, rotated, found again on resume.
+"""The checkpoint folder format, written and read here only: complete or not at all, rotated, found again on
+resume, resolved for export and ``sample.py --lora``.
 
-Layout (read by train/export.py)::
+Layout::
 
     <run>/checkpoints/checkpoint-<step:06d>/
         accelerate/                 accelerator.save_state: model/engine, optimizer, scheduler, RNG, EMA
@@ -11,23 +12,40 @@ Layout (read by train/export.py)::
     <run>/final/                    the same without accelerate/ and training_state.json
 
 Every folder is assembled under a hidden temporary name and renamed when complete, so an interrupted save
-never leaves a folder that looks usable.
+never leaves a folder that looks usable. The trainer writes through ``save_checkpoint``/``save_final`` (from its
+``train.run.Run``); train/resume.py (``list_checkpoints``, ``damage``, ``read_position``), train/exporting.py and
+train/sampling.py (``resolve_checkpoint``, ``load_lora_state``) read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 from safetensors.torch import save_file
 
-from train.config import write_text_atomic
+from train.config import config_to_dict, save_config, write_text_atomic
+from train.models import ADAPTERS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from train.run import Run
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+ACCELERATE_DIR = "accelerate"
+META_FILE = "meta.json"
+POSITION_FILE = "training_state.json"
+RECIPE_FILE = "config.yaml"
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")  # peft: <module>.lora_A/B.weight
+
+# File names of an export folder (train/exporting.py writes them; train/sampling.py and the model card read them).
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: load_lora_weights(dir) prefers it
+COMFYUI_FILE = "lora_comfyui.safetensors"
 
 
 def checkpoint_name(step: int) -> str:
@@ -50,10 +68,10 @@ def damage(folder: Path) -> Optional[str]:
     archives have their central directory (a truncated file loses it), and the files a resume needs are there.
     """
     folder = Path(folder)
-    if not (folder / "accelerate").is_dir():
-        return f"{folder / 'accelerate'} is missing"
-    if not (folder / "training_state.json").is_file():
-        return f"{folder / 'training_state.json'} is missing"
+    if not (folder / ACCELERATE_DIR).is_dir():
+        return f"{folder / ACCELERATE_DIR} is missing"
+    if not (folder / POSITION_FILE).is_file():
+        return f"{folder / POSITION_FILE} is missing"
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         problem = _file_damage(path)
         if problem:
@@ -163,3 +181,215 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing a checkpoint / final/ from a live run (the trainer; collective calls run on every rank)
+
+
+def _meta(run: "Run") -> dict[str, Any]:
+    """meta.json: what export, the model card and ``sample.py --lora`` need to know about the weights."""
+    c = run.cfg
+    plugin = getattr(run.accelerator.state, "deepspeed_plugin", None)
+    zero = int(plugin.zero_stage) if plugin is not None else 0
+    return {
+        "step": run.pos.step,
+        "family": c.model.family,
+        "mode": c.train.mode,
+        "pretrained": c.model.pretrained,
+        "revision": c.model.revision,
+        "lora": config_to_dict(c.lora),
+        "attention": config_to_dict(c.attention),
+        "data": {"frames": c.data.frames, "height": c.data.height, "width": c.data.width, "fps": c.data.fps, "path": c.data.path},
+        "train": {"max_steps": c.train.max_steps, "learning_rate": c.train.learning_rate, "batch_size": c.train.batch_size},
+        "world_size": run.accelerator.num_processes,
+        "zero_stage": zero,
+        "ema": c.train.ema.enabled,
+    }
+
+
+class _FullModelWriter:
+    """save_pretrained of a full fine-tune with the (possibly ZeRO-3-gathered) state dict."""
+
+    def __init__(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self.model, self.state = model, state
+
+    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
+        self.model.save_pretrained(path, state_dict=self.state, safe_serialization=safe_serialization)
+
+
+def _write_run_weights(run: "Run", folder: Path) -> None:
+    """Gather trainable weights (collective under ZeRO-3) and write them on the main process; the hooks may
+    replace them first (EMA writes its averages)."""
+    state = run.accelerator.get_state_dict(run.transformer)  # collective under ZeRO-3; None on other ranks there
+    if not run.is_main:
+        return
+    unwrapped = run.accelerator.unwrap_model(run.transformer)
+    state = dict(state)
+    run.hooks.on_save_weights(run, state)
+    if run.cfg.train.mode == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        write_weights(folder, lora_state=get_peft_model_state_dict(unwrapped, state_dict=state))
+    else:
+        write_weights(folder, lora_state=None, full_model=_FullModelWriter(unwrapped, state))
+    write_json(folder / META_FILE, _meta(run))
+
+
+def save_checkpoint(run: "Run") -> Path:
+    """``<run>/checkpoints/checkpoint-<step>``: accelerate state, weights, meta, position, recipe; then rotation."""
+    acc = run.accelerator
+    final = run.run_dir / "checkpoints" / checkpoint_name(run.pos.step)
+    tmp = staging_dir(final)
+    if run.is_main:
+        begin(final)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / ACCELERATE_DIR))
+    _write_run_weights(run, tmp)
+    run.pos.newest_checkpoint = final.name
+    if run.is_main:
+        write_json(tmp / POSITION_FILE, run.pos.__dict__)
+        save_config(run.cfg, tmp / RECIPE_FILE)  # the recipe these weights were trained with (resume checks it)
+    acc.wait_for_everyone()
+    if run.is_main:
+        commit(tmp, final)
+        rotate(run.run_dir, run.cfg.train.checkpoints_keep, protect=run.pos.protected_checkpoint)
+        run.print(f"checkpoint -> {final}")
+    acc.wait_for_everyone()
+    return final
+
+
+def save_final(run: "Run") -> Path:
+    """``<run>/final``: weights, meta and the recipe (no optimizer state: not for resuming)."""
+    acc = run.accelerator
+    final = run.run_dir / "final"
+    tmp = staging_dir(final)
+    if run.is_main:
+        begin(final)
+    acc.wait_for_everyone()
+    _write_run_weights(run, tmp)
+    if run.is_main:
+        save_config(run.cfg, tmp / RECIPE_FILE)
+    acc.wait_for_everyone()
+    if run.is_main:
+        commit(tmp, final)
+    acc.wait_for_everyone()
+    return final
+
+
+def read_position(folder: Path) -> dict[str, Any]:
+    """What ``training_state.json`` of a checkpoint says (train.run.Position's fields)."""
+    return read_json(Path(folder) / POSITION_FILE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading a checkpoint (export, sample --lora)
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint folder of a run (``final/`` or ``checkpoints/checkpoint-N``) and what it says about itself."""
+
+    folder: Path
+    meta: dict[str, Any]
+    config_path: Optional[Path]  # <run>/config.yaml when present
+
+    @property
+    def family(self) -> str:
+        return str(self.meta["family"])
+
+    @property
+    def mode(self) -> str:
+        return str(self.meta["mode"])
+
+    @property
+    def lora_path(self) -> Path:
+        return self.folder / "weights" / "lora.safetensors"
+
+    @property
+    def transformer_path(self) -> Path:
+        return self.folder / "weights" / "transformer"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A run folder (-> final/ if present, else the newest checkpoint) or a checkpoint folder."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"--checkpoint: {root} does not exist")
+    if (root / META_FILE).is_file():
+        folder = root
+    elif (root / "final" / META_FILE).is_file():
+        folder = root / "final"
+    else:
+        found = [c for c in list_checkpoints(root) if (c / META_FILE).is_file()]
+        if not found:
+            raise ValueError(
+                f"--checkpoint: {root} holds no checkpoint (expected meta.json, final/meta.json or "
+                "checkpoints/checkpoint-<step>/meta.json)"
+            )
+        folder = found[-1]
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--checkpoint: {folder / 'meta.json'} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    _check_meta(meta, folder)
+    run_dir = folder.parent if folder.name == "final" else folder.parent.parent
+    config = run_dir / RECIPE_FILE
+    ckpt = Checkpoint(folder=folder, meta=meta, config_path=config if config.is_file() else None)
+    if ckpt.mode == "lora" and not ckpt.lora_path.is_file():
+        raise FileNotFoundError(f"--checkpoint: {ckpt.lora_path} is missing (meta.json says mode=lora)")
+    if ckpt.mode == "full" and not (ckpt.transformer_path / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint: {ckpt.transformer_path}/config.json is missing (meta.json says mode=full)")
+    return ckpt
+
+
+def _check_meta(meta: Any, folder: Path) -> None:
+    where = folder / META_FILE
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    for key in ("family", "mode", "pretrained"):
+        if key not in meta:
+            raise ValueError(f"{where}: missing key '{key}'")
+    if meta["family"] not in ADAPTERS:
+        raise ValueError(f"{where}: family: expected one of {', '.join(ADAPTERS)}; got {meta['family']!r}")
+    if meta["mode"] not in ("lora", "full"):
+        raise ValueError(f"{where}: mode: expected lora or full; got {meta['mode']!r}")
+    if meta["mode"] == "lora":
+        lora = meta.get("lora")
+        if not isinstance(lora, dict) or "rank" not in lora or "alpha" not in lora:
+            raise ValueError(f"{where}: lora: expected an object with rank, alpha and target_modules")
+
+
+def load_lora_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The peft state dict of the checkpoint (fp32), checked to hold only complete lora_A/lora_B pairs."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(ckpt.lora_path))
+    except Exception as err:  # noqa: BLE001 - safetensors has its own error type for a damaged/truncated file
+        raise ValueError(f"{ckpt.lora_path} is damaged ({str(err).splitlines()[0][:200]}); use another checkpoint") from None
+    check_lora_state(state, rank=int(ckpt.meta["lora"]["rank"]), source=str(ckpt.lora_path))
+    return state
+
+
+def check_lora_state(state: Mapping[str, torch.Tensor], *, rank: Optional[int] = None, source: str = "LoRA state") -> list[str]:
+    """Module names of a peft LoRA state dict; raises on keys that are not plain LoRA pairs."""
+    if not state:
+        raise ValueError(f"{source}: holds no LoRA tensors")
+    halves: dict[str, set[str]] = {}
+    for key, value in state.items():
+        m = LORA_KEY.match(key)
+        if m is None:
+            raise ValueError(
+                f"{source}: unsupported key {key!r} (expected <module>.lora_A.weight / <module>.lora_B.weight; "
+                "DoRA, LoRA bias and adapter-named keys are not exported)"
+            )
+        halves.setdefault(m["module"], set()).add(m["ab"])
+        if value.ndim != 2:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}; expected a 2-D LoRA factor")
+        r = value.shape[0] if m["ab"] == "A" else value.shape[1]
+        if rank is not None and r != rank:
+            raise ValueError(f"{source}: {key} has rank {r}, but meta.json says lora.rank={rank}")
+    for module, ab in halves.items():
+        if ab != {"A", "B"}:
+            raise ValueError(f"{source}: module {module!r} has lora_{''.join(sorted(ab))} only; both lora_A and lora_B are needed")
+    return sorted(halves)

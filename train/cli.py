@@ -1,4 +1,8 @@
-"""What every entry point shares: make the repository importable, turn user errors into one clear line."""
+"""What every entry point shares: user errors become one clear line and exit code 2.
+
+The entry points (``train/finetune.py``, ``export.py``, ``sample.py``, ``precompute.py``; installed as the
+``longvideo-*`` console scripts) each define ``main(argv=None) -> int`` as ``run_main(lambda: run(argv))``.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,16 @@ from pathlib import Path
 from typing import Callable
 
 
-def ensure_repo_on_path() -> None:
-    """Entry points run as ``python train/x.py``; make ``train``/``data``/``sparse_attn`` importable without install."""
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
 def run_main(main: Callable[[], object]) -> int:
-    """Run ``main``; user-facing errors become ``error: <message>`` on stderr and exit code 2."""
+    """Run ``main``; user-facing errors become ``error: <message>`` on stderr and exit code 2.
+
+    An int that ``main`` returns is its exit code (so wrapping an entry point's own ``main`` keeps its code).
+    """
     from train.config import ConfigError
     from train.errors import UserError
 
     try:
-        main()
+        result = main()
     except (ConfigError, UserError, FileNotFoundError, ValueError, TypeError) as err:
         if isinstance(err, (ValueError, TypeError)) and not _is_user_facing(err):
             raise
@@ -29,7 +29,7 @@ def run_main(main: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def _is_user_facing(err: BaseException) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,15 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: load_lora_weights(dir) prefers it
-COMFYUI_FILE = "lora_comfyui.safetensors"
+from train.checkpointing import (  # noqa: F401 - re-exported: the export file names live with the checkpoint format
+    COMFYUI_FILE,
+    LORA_FILE,
+    Checkpoint,
+    check_lora_state,
+    load_lora_state,
+    resolve_checkpoint,
+)
+
 LORA_FORMATS = ("diffusers", "comfyui")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -47,9 +53,6 @@ TRANSFORMER_CLASSES = {
 }
 
 FAMILY_NAMES = {"wan": "Wan2.1", "hunyuan_video": "HunyuanVideo", "mochi": "Mochi 1"}
-
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # arguments
@@ -73,122 +76,6 @@ def parse_lora_formats(value: str | Sequence[str] | None) -> Optional[list[str]]
     if bad or not items:
         raise ValueError(f"--lora-format: expected a comma-separated subset of {', '.join(LORA_FORMATS)} (or none); got {value!r}")
     return list(dict.fromkeys(items))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading a checkpoint
-
-
-@dataclass
-class Checkpoint:
-    """One checkpoint folder of a run (``final/`` or ``checkpoints/checkpoint-N``) and what it says about itself."""
-
-    folder: Path
-    meta: dict[str, Any]
-    config_path: Optional[Path]  # <run>/config.yaml when present
-
-    @property
-    def family(self) -> str:
-        return str(self.meta["family"])
-
-    @property
-    def mode(self) -> str:
-        return str(self.meta["mode"])
-
-    @property
-    def lora_path(self) -> Path:
-        return self.folder / "weights" / "lora.safetensors"
-
-    @property
-    def transformer_path(self) -> Path:
-        return self.folder / "weights" / "transformer"
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """A run folder (-> final/ if present, else the newest checkpoint) or a checkpoint folder."""
-    from train.checkpointing import list_checkpoints
-
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"--checkpoint: {root} does not exist")
-    if (root / "meta.json").is_file():
-        folder = root
-    elif (root / "final" / "meta.json").is_file():
-        folder = root / "final"
-    else:
-        found = [c for c in list_checkpoints(root) if (c / "meta.json").is_file()]
-        if not found:
-            raise ValueError(
-                f"--checkpoint: {root} holds no checkpoint (expected meta.json, final/meta.json or "
-                "checkpoints/checkpoint-<step>/meta.json)"
-            )
-        folder = found[-1]
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--checkpoint: {folder / 'meta.json'} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    _check_meta(meta, folder)
-    run_dir = folder.parent if folder.name == "final" else folder.parent.parent
-    config = run_dir / "config.yaml"
-    ckpt = Checkpoint(folder=folder, meta=meta, config_path=config if config.is_file() else None)
-    if ckpt.mode == "lora" and not ckpt.lora_path.is_file():
-        raise FileNotFoundError(f"--checkpoint: {ckpt.lora_path} is missing (meta.json says mode=lora)")
-    if ckpt.mode == "full" and not (ckpt.transformer_path / "config.json").is_file():
-        raise FileNotFoundError(f"--checkpoint: {ckpt.transformer_path}/config.json is missing (meta.json says mode=full)")
-    return ckpt
-
-
-def _check_meta(meta: Any, folder: Path) -> None:
-    where = folder / "meta.json"
-    if not isinstance(meta, dict):
-        raise ValueError(f"{where}: expected a JSON object")
-    for key in ("family", "mode", "pretrained"):
-        if key not in meta:
-            raise ValueError(f"{where}: missing key '{key}'")
-    if meta["family"] not in PIPELINE_CLASSES:
-        raise ValueError(f"{where}: family: expected one of {', '.join(PIPELINE_CLASSES)}; got {meta['family']!r}")
-    if meta["mode"] not in ("lora", "full"):
-        raise ValueError(f"{where}: mode: expected lora or full; got {meta['mode']!r}")
-    if meta["mode"] == "lora":
-        lora = meta.get("lora")
-        if not isinstance(lora, dict) or "rank" not in lora or "alpha" not in lora:
-            raise ValueError(f"{where}: lora: expected an object with rank, alpha and target_modules")
-
-
-def load_lora_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """The peft state dict of the checkpoint (fp32), checked to hold only complete lora_A/lora_B pairs."""
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(ckpt.lora_path))
-    except Exception as err:  # noqa: BLE001 - safetensors has its own error type for a damaged/truncated file
-        raise ValueError(f"{ckpt.lora_path} is damaged ({str(err).splitlines()[0][:200]}); use another checkpoint") from None
-    check_lora_state(state, rank=int(ckpt.meta["lora"]["rank"]), source=str(ckpt.lora_path))
-    return state
-
-
-def check_lora_state(state: Mapping[str, torch.Tensor], *, rank: Optional[int] = None, source: str = "LoRA state") -> list[str]:
-    """Module names of a peft LoRA state dict; raises on keys that are not plain LoRA pairs."""
-    if not state:
-        raise ValueError(f"{source}: holds no LoRA tensors")
-    halves: dict[str, set[str]] = {}
-    for key, value in state.items():
-        m = _LORA_KEY.match(key)
-        if m is None:
-            raise ValueError(
-                f"{source}: unsupported key {key!r} (expected <module>.lora_A.weight / <module>.lora_B.weight; "
-                "DoRA, LoRA bias and adapter-named keys are not exported)"
-            )
-        halves.setdefault(m["module"], set()).add(m["ab"])
-        if value.ndim != 2:
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}; expected a 2-D LoRA factor")
-        r = value.shape[0] if m["ab"] == "A" else value.shape[1]
-        if rank is not None and r != rank:
-            raise ValueError(f"{source}: {key} has rank {r}, but meta.json says lora.rank={rank}")
-    for module, ab in halves.items():
-        if ab != {"A", "B"}:
-            raise ValueError(f"{source}: module {module!r} has lora_{''.join(sorted(ab))} only; both lora_A and lora_B are needed")
-    return sorted(halves)
 
 
 def peft_lora_config(lora_meta: Mapping[str, Any]) -> Any:

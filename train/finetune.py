@@ -12,11 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the packages importable
-
-from train.cli import run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """The command itself; errors propagate (``main`` turns user errors into one line)."""
     from train.config import load_config
 
     args = parse_args(argv)
@@ -36,5 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     train(cfg)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``longvideo-finetune`` / ``python train/finetune.py``: exit code 0, or 2 with one ``error:`` line."""
+    from train.cli import run_main
+
+    return run_main(lambda: run(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    if not __package__:  # run as a file: put the repository on sys.path (train/_as_script.py)
+        import _as_script  # noqa: F401
+    sys.exit(main())

@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 from typing import Mapping, Optional
 
-from train.exporting import COMFYUI_FILE, FAMILY_NAMES, LORA_FILE, PIPELINE_CLASSES, TRANSFORMER_CLASSES, Checkpoint
+from train.checkpointing import COMFYUI_FILE, LORA_FILE, Checkpoint
+from train.exporting import FAMILY_NAMES, PIPELINE_CLASSES, TRANSFORMER_CLASSES
 
 
 

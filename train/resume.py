@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from data.cache import flatten
 from train import checkpointing
-from train.config import ConfigError, config_to_dict, load_config
+from train.config import ConfigError, config_to_dict, load_config, write_text_atomic
 from train.config_schema import RecipeConfig
 
 # Keys a resume applies; every other difference from the checkpoint's recipe is refused.
@@ -49,7 +49,8 @@ def _may_change(key: str) -> bool:
 
 def recipe_of(checkpoint: Path, run_dir: Path) -> Optional[RecipeConfig]:
     """The recipe the checkpoint was trained with: its own config.yaml, else the run's (older checkpoints)."""
-    for path in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml", run_dir / "config.yaml"):
+    name = checkpointing.RECIPE_FILE
+    for path in (checkpoint / name, checkpoint.parent.parent / name, run_dir / name):
         if path.is_file():
             try:
                 return load_config(path)
@@ -115,7 +116,7 @@ def plan_resume(cfg: RecipeConfig) -> ResumePlan:
         return plan
     if plan.notes:
         plan.notes.append(f"resuming from {plan.checkpoint.name}, the newest undamaged checkpoint")
-    state = json.loads((plan.checkpoint / "training_state.json").read_text())
+    state = checkpointing.read_position(plan.checkpoint)
     plan.step = int(state.get("step", 0))
     if t.max_steps <= plan.step:
         raise ConfigError(
@@ -137,3 +138,33 @@ def log_changes(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -
     with open(Path(run_dir) / "config-changes.jsonl", "a") as fh:
         for key, (old, new) in changes.items():
             fh.write(json.dumps({"step": step, "key": key, "from": old, "to": new}) + "\n")
+
+
+def apply_learning_rate(optimizer: Any, scheduler: Any, change: Optional[tuple[Any, Any]]) -> None:
+    """A resume with a new train.learning_rate: rescale the restored schedule (its base and current rates)."""
+    if change is None:
+        return
+    old, new = change
+    ratio = float(new) / float(old)
+    inner = getattr(scheduler, "scheduler", scheduler)
+    inner.base_lrs = [lr * ratio for lr in inner.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """metrics.jsonl keeps one row per step: rows an interrupted run logged after its last checkpoint go."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the interruption
+        keep.append(line + "\n")
+    write_text_atomic(path, "".join(keep))

@@ -339,7 +339,7 @@ def _read_safetensors(path: Path, arg: str) -> dict[str, torch.Tensor]:
 def lora_source(arg: str, family: str) -> LoraSource:
     """Resolve ``--lora`` (see :class:`SampleOptions`); a checkpoint of ours becomes a diffusers state dict with
     alpha/rank folded into lora_B, which is what the trained model computed."""
-    from train.exporting import _LORA_KEY, load_lora_state, resolve_checkpoint
+    from train.checkpointing import LORA_KEY as _LORA_KEY, load_lora_state, resolve_checkpoint
 
     path = Path(arg).expanduser()
     if not path.exists():

@@ -29,7 +29,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from train import exporting
+from train import checkpointing, exporting
 from train.config import load_config, save_config
 from train.models import ADAPTERS, get_adapter
 
@@ -389,8 +389,8 @@ def test_model_card_and_training_config(wan: Case, tmp_path: Path) -> None:
 
 
 def test_checkpoint_resolution(wan: Case, tmp_path: Path) -> None:
-    assert exporting.resolve_checkpoint(wan.run).folder == wan.run / "final"
-    ckpt = exporting.resolve_checkpoint(wan.run / "checkpoints" / "checkpoint-000003")
+    assert checkpointing.resolve_checkpoint(wan.run).folder == wan.run / "final"
+    ckpt = checkpointing.resolve_checkpoint(wan.run / "checkpoints" / "checkpoint-000003")
     assert ckpt.meta["step"] == 3 and ckpt.config_path == wan.run / "config.yaml"
     run = tmp_path / "run"
     for step in (2, 10):  # numeric order, not the order of names
@@ -400,9 +400,9 @@ def test_checkpoint_resolution(wan: Case, tmp_path: Path) -> None:
     (run / "checkpoints" / ".tmp-checkpoint-000020").mkdir()  # an interrupted save is ignored
     # the newest complete checkpoint is chosen, and its missing weights are reported by path
     with pytest.raises(FileNotFoundError, match="checkpoint-000010/weights/lora.safetensors is missing"):
-        exporting.resolve_checkpoint(run)
+        checkpointing.resolve_checkpoint(run)
     with pytest.raises(ValueError, match="holds no checkpoint"):
-        exporting.resolve_checkpoint(run / "checkpoints")
+        checkpointing.resolve_checkpoint(run / "checkpoints")
 
 
 def test_output_is_atomic_and_needs_force(wan: Case, tmp_path: Path) -> None:

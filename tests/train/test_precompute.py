@@ -3,6 +3,8 @@ what the adapter computes for each clip, a rerun does nothing, and a changed rec
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -30,7 +32,7 @@ def recipe(tmp_path_factory):
     }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    main(["--config", str(path), "--dtype", "float32", "--shard-size", "2"])
+    assert main(["--config", str(path), "--dtype", "float32", "--shard-size", "2"]) == 0
     return path
 
 
@@ -58,9 +60,10 @@ def test_rerun_is_a_no_op_and_other_setups_are_refused(recipe, capsys):
     cfg = load_config(str(recipe))
     shards = sorted((recipe.parent / "cache" / "shards").glob("*.safetensors"))
     before = [p.stat().st_mtime_ns for p in shards]
-    main(["--config", str(recipe), "--dtype", "float32", "--shard-size", "2"])
+    assert main(["--config", str(recipe), "--dtype", "float32", "--shard-size", "2"]) == 0
     assert [p.stat().st_mtime_ns for p in shards] == before
     assert "latent cache: 3 clips" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"holds a cache for a different setup;.*\n  height: cache has 32, expected 48"):
-        main(["--config", str(recipe), "--dtype", "float32", "--shard-size", "2", "data.height=48"])
+    assert main(["--config", str(recipe), "--dtype", "float32", "--shard-size", "2", "data.height=48"]) == 2
+    err = capsys.readouterr().err  # one error line (the differences follow it, one per line)
+    assert re.search(r"(^|\n)error: .*holds a cache for a different setup;.*\n  height: cache has 32, expected 48", err, re.S)
     assert check_manifest(cfg.data.cache_dir, {"height": 32})["count"] == 3  # untouched

@@ -171,3 +171,23 @@ def test_wandb_offline_logs_the_run(tmp_path: Path, assets: dict, monkeypatch: p
     result = train(recipe(tmp_path, "wan", assets, "tracking.report_to=wandb", "attention.type=radial"))
     runs = list((result.run_dir / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_hooks_follow_the_recipe_in_calling_order(tmp_path: Path, assets: dict) -> None:
+    """Cheap (no model): which hooks a recipe gets, and their order (EMA before bad-step handling, so a skipped step
+    moves no average; validation after the step's checkpoint; export last)."""
+    from train.hooks import Hook, default_hooks
+    from train.hooks.bad_steps import BadSteps
+    from train.hooks.ema import EMA
+    from train.hooks.export import ExportAtEnd
+    from train.hooks.validation import Validation
+
+    plain = default_hooks(recipe(tmp_path, "wan", assets))
+    assert [type(h) for h in plain.hooks] == [BadSteps]
+    everything = default_hooks(recipe(tmp_path, "wan", assets, "train.ema.enabled=true", "validation.every_steps=2",
+                                      "validation.prompts=[a red circle]", "export.at_end=true"))
+    assert [type(h) for h in everything.hooks] == [EMA, BadSteps, Validation, ExportAtEnd]
+    points = [name for name in vars(Hook) if name.startswith("on_")]
+    assert points == ["on_loaded", "on_prepared", "on_resumed", "on_optimizer_step", "on_step_end", "on_save_weights",
+                      "on_train_end"]
+    assert all(name in vars(type(everything)) for name in points)  # Hooks dispatches every point
