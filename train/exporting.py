@@ -33,20 +33,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from train.models import FAMILIES, get_adapter
+
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: load_lora_weights(dir) prefers it
 COMFYUI_FILE = "lora_comfyui.safetensors"
 LORA_FORMATS = ("diffusers", "comfyui")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-# Diffusers class names per family (pipelines for LoRA writing / loading, transformers for merging).
-PIPELINE_CLASSES = {"wan": "WanPipeline", "hunyuan_video": "HunyuanVideoPipeline", "mochi": "MochiPipeline"}
-TRANSFORMER_CLASSES = {
-    "wan": "WanTransformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-    "mochi": "MochiTransformer3DModel",
-}
-
-FAMILY_NAMES = {"wan": "Wan2.1", "hunyuan_video": "HunyuanVideo", "mochi": "Mochi 1"}
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
@@ -145,8 +137,8 @@ def _check_meta(meta: Any, folder: Path) -> None:
     for key in ("family", "mode", "pretrained"):
         if key not in meta:
             raise ValueError(f"{where}: missing key '{key}'")
-    if meta["family"] not in PIPELINE_CLASSES:
-        raise ValueError(f"{where}: family: expected one of {', '.join(PIPELINE_CLASSES)}; got {meta['family']!r}")
+    if meta["family"] not in FAMILIES:
+        raise ValueError(f"{where}: family: expected one of {', '.join(FAMILIES)}; got {meta['family']!r}")
     if meta["mode"] not in ("lora", "full"):
         raise ValueError(f"{where}: mode: expected lora or full; got {meta['mode']!r}")
     if meta["mode"] == "lora":
@@ -219,7 +211,7 @@ def write_diffusers_lora(
     """Write through the family pipeline's own ``save_lora_weights`` so the file is exactly what diffusers writes."""
     import diffusers
 
-    pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[family])
+    pipeline_cls = getattr(diffusers, get_adapter(family).pipeline_class)
     layers = {k: v.detach().to("cpu", dtype, copy=True).contiguous() for k, v in state.items()}
     pipeline_cls.save_lora_weights(
         str(out_dir),
@@ -339,7 +331,7 @@ def linear_out_features(family: str, pretrained: str, revision: Optional[str] = 
     import diffusers
     from accelerate import init_empty_weights
 
-    cls = getattr(diffusers, TRANSFORMER_CLASSES[family])
+    cls = getattr(diffusers, get_adapter(family).transformer_class)
     try:
         config = cls.load_config(pretrained, subfolder="transformer", revision=revision)
     except Exception:  # noqa: BLE001 - offline / not cached: the caller degrades gracefully
@@ -411,7 +403,7 @@ def merge_lora(transformer: nn.Module, state: Mapping[str, torch.Tensor], lora_m
 def load_full_transformer(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     import diffusers
 
-    cls_name = json.loads((ckpt.transformer_path / "config.json").read_text()).get("_class_name") or TRANSFORMER_CLASSES[ckpt.family]
+    cls_name = json.loads((ckpt.transformer_path / "config.json").read_text()).get("_class_name") or get_adapter(ckpt.family).transformer_class
     cls = getattr(diffusers, cls_name)
     return cls.from_pretrained(str(ckpt.transformer_path), dtype=dtype)
 
@@ -496,7 +488,6 @@ def export_checkpoint(
     if ckpt.mode == "lora" and formats == [] and not merge:
         raise ValueError("--lora-format none without --merge leaves nothing to export")
     from train.model_card import model_card
-    from train.models import get_adapter
 
     adapter = get_adapter(ckpt.family)(str(ckpt.meta["pretrained"]), ckpt.meta.get("revision"), torch_dtype)
     notes: list[str] = []

@@ -248,9 +248,7 @@ class Trainer:
         unwrapped = self.accelerator.unwrap_model(model)
         self.router = adapter.install_attention(unwrapped, self.cfg.attention, geometry)
         if self.sp is not None:
-            from train import sequence_parallel
-
-            sequence_parallel.install(self.cfg.model.family, unwrapped, self.sp)
+            adapter.install_sequence_parallel(unwrapped, self.sp)
             self.router.sequence_parallel = self.sp
 
     @contextmanager
