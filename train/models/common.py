@@ -18,6 +18,7 @@ from torch import nn
 from train.geometry import VideoGeometry
 from train.models.base import ModelAdapter
 
+
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``{"dtype": d}`` where diffusers takes it (0.36+), ``{"torch_dtype": d}`` on older versions."""
     from diffusers.utils import deprecation_utils
