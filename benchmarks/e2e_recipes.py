@@ -89,7 +89,8 @@ def build_pipeline(model_key: str, out: Path, tiny: bool) -> None:
         return
     import torch
 
-    from train.models.common import diffusers_class, write_pipeline_atomically
+    from train.models.common import diffusers_class
+    from train.tiny.pipeline import write_pipeline_atomically
 
     scratch = out.parent / f".{out.name}.tiny"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -116,7 +117,7 @@ def _wide_text_encoders(family: str, parts: dict) -> dict:
         cfg = enc.config.to_dict()
         cfg.update(d_model=4096, d_kv=64, num_heads=2, d_ff=512, num_layers=1)
         return {"text_encoder": type(enc)(type(enc.config)(**cfg)).eval()}
-    from train.models.tiny_text_encoders import tiny_clip_text_model, tiny_llama_model
+    from train.tiny.text_encoders import tiny_clip_text_model, tiny_llama_model
 
     tok2 = parts["tokenizer_2"]
     return {

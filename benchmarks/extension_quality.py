@@ -239,7 +239,7 @@ class Bench:
         self.cuda = device.type == "cuda"
         from diffusers import WanTransformer3DModel  # noqa: F401  (fail early when diffusers is missing)
 
-        from train.models.tiny_text_encoders import TINY_T5_SIZES
+        from train.tiny.text_encoders import TINY_T5_SIZES
         from train.models.wan import WanAdapter
 
         p = plan
@@ -266,8 +266,8 @@ class Bench:
         seed: a deterministic injective-enough code of the words that cross-attention learns to read)."""
         from transformers import UMT5EncoderModel
 
-        from train.models.tiny_text_encoders import tiny_t5_encoder
-        from train.models.tiny_tokenizer import tiny_t5_tokenizer
+        from train.tiny.text_encoders import tiny_t5_encoder
+        from train.tiny.t5_tokenizer import tiny_t5_tokenizer
         from train.models.wan import WanEncoders
 
         with torch.random.fork_rng(devices=[]):

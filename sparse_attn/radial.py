@@ -51,8 +51,9 @@ DECIMATION_THRESHOLD = 128
 #: no Mochi branch at all; Mochi is, like HunyuanVideo, a joint text+video MMDiT whose text comes
 #: after the video tokens, so it follows the HunyuanVideo rule (no sink). For the width rule the
 #: families are identical since the 2025-11-11 upstream change (|i-j| == 1 is a full frame for Wan
-#: too), so ``model`` only selects the sink default.
-MODELS: dict[str, bool] = {"wan": True, "hunyuan": False, "mochi": False}
+#: too), so ``model`` only selects the sink default. ``"hunyuan_video"`` is an alias of ``"hunyuan"``:
+#: the spelling the training code uses for that family.
+MODELS: dict[str, bool] = {"wan": True, "hunyuan": False, "hunyuan_video": False, "mochi": False}
 
 _CACHE_SIZE = 32
 
@@ -108,7 +109,8 @@ def radial_block_mask(
     in both directions. ``True`` = the (query block, key block) pair is computed.
 
     ``attention_sink=None`` takes the model's default (on for ``"wan"``, off for ``"hunyuan"``
-    and ``"mochi"``); the paper's HunyuanVideo sparsity figures were made with the sink on.
+    - alias ``"hunyuan_video"`` - and ``"mochi"``); the paper's HunyuanVideo sparsity figures were
+    made with the sink on.
 
     The result is cached by its (normalised) arguments and the *same tensor object* is returned
     for repeated calls: the attention op caches its block index lists by tensor identity.

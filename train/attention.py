@@ -31,7 +31,7 @@ from train.geometry import VideoGeometry
 __all__ = ["AttentionRouter", "RADIAL_MODELS"]
 
 #: Radial rule variants of sparse_attn.radial_block_mask (``model=``).
-RADIAL_MODELS = ("wan", "hunyuan", "mochi")
+from sparse_attn.radial import MODELS as RADIAL_MODELS  # noqa: E402  (the rule names radial_block_mask knows)
 _TYPES = ("dense", "radial", "svg2")
 _BACKENDS = ("auto", "fa4", "triton", "torch")
 
@@ -58,18 +58,18 @@ class _StepStats:
 class AttentionRouter:
     """Routes one model's self-attention calls to dense SDPA, radial block-sparse or SVG2 attention.
 
-    ``model`` selects the radial rule ("wan" | "hunyuan" | "mochi"). ``geometry`` is the token layout of
+    ``radial_rule`` selects the radial rule (a ``sparse_attn.radial.MODELS`` name). ``geometry`` is the token layout of
     the clips being processed; :meth:`set_geometry` changes it (buckets, validation at another size).
     """
 
-    def __init__(self, cfg: AttentionConfig, geometry: VideoGeometry, *, model: str) -> None:
+    def __init__(self, cfg: AttentionConfig, geometry: VideoGeometry, *, radial_rule: str) -> None:
         _validate_config(cfg)
-        if model not in RADIAL_MODELS:
-            raise ValueError(f"model must be one of {list(RADIAL_MODELS)}, got {model!r}")
+        if radial_rule not in RADIAL_MODELS:
+            raise ValueError(f"radial_rule must be one of {list(RADIAL_MODELS)}, got {radial_rule!r}")
         if not isinstance(geometry, VideoGeometry):
             raise TypeError(f"geometry must be a VideoGeometry, got {type(geometry).__name__}")
         self.cfg = cfg
-        self.model = model
+        self.radial_rule = radial_rule
         self.geometry = geometry
         #: Forces dense attention in every layer while True (the sampler's first denoising steps).
         self.force_dense = False
@@ -246,7 +246,7 @@ class AttentionRouter:
                 g.tokens_per_frame,
                 block_size=c.block_size,
                 decay_factor=c.decay_factor,
-                model=self.model,
+                model=self.radial_rule,
                 text_tokens=text_tokens,
                 attention_sink=c.attention_sink,
                 device=device,

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from data.config import DataConfig
+from train.models import DEFAULT_FAMILY, FAMILIES
 
 
 @dataclass
 class ModelConfig:
-    family: Literal["wan", "hunyuan_video", "mochi"] = "wan"
+    family: Literal[FAMILIES] = DEFAULT_FAMILY  # type: ignore[valid-type]  # the registered families (train.models)
     pretrained: str = ""  # Hub id or local diffusers folder (model_index.json)
     revision: Optional[str] = None
     # Build a tiny random-weight pipeline of `family` at `pretrained` when that folder does not exist

@@ -40,19 +40,10 @@ from train.checkpointing import (  # noqa: F401 - re-exported: the export file n
     load_lora_state,
     resolve_checkpoint,
 )
+from train.models import get_adapter
 
 LORA_FORMATS = ("diffusers", "comfyui")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-# Diffusers class names per family (pipelines for LoRA writing / loading, transformers for merging).
-PIPELINE_CLASSES = {"wan": "WanPipeline", "hunyuan_video": "HunyuanVideoPipeline", "mochi": "MochiPipeline"}
-TRANSFORMER_CLASSES = {
-    "wan": "WanTransformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-    "mochi": "MochiTransformer3DModel",
-}
-
-FAMILY_NAMES = {"wan": "Wan2.1", "hunyuan_video": "HunyuanVideo", "mochi": "Mochi 1"}
 
 # ----------------------------------------------------------------------------------------------------------------
 # arguments
@@ -106,7 +97,7 @@ def write_diffusers_lora(
     """Write through the family pipeline's own ``save_lora_weights`` so the file is exactly what diffusers writes."""
     import diffusers
 
-    pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[family])
+    pipeline_cls = getattr(diffusers, get_adapter(family).pipeline_class)
     layers = {k: v.detach().to("cpu", dtype, copy=True).contiguous() for k, v in state.items()}
     pipeline_cls.save_lora_weights(
         str(out_dir),
@@ -226,7 +217,7 @@ def linear_out_features(family: str, pretrained: str, revision: Optional[str] = 
     import diffusers
     from accelerate import init_empty_weights
 
-    cls = getattr(diffusers, TRANSFORMER_CLASSES[family])
+    cls = getattr(diffusers, get_adapter(family).transformer_class)
     try:
         config = cls.load_config(pretrained, subfolder="transformer", revision=revision)
     except Exception:  # noqa: BLE001 - offline / not cached: the caller degrades gracefully
@@ -298,7 +289,7 @@ def merge_lora(transformer: nn.Module, state: Mapping[str, torch.Tensor], lora_m
 def load_full_transformer(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     import diffusers
 
-    cls_name = json.loads((ckpt.transformer_path / "config.json").read_text()).get("_class_name") or TRANSFORMER_CLASSES[ckpt.family]
+    cls_name = json.loads((ckpt.transformer_path / "config.json").read_text()).get("_class_name") or get_adapter(ckpt.family).transformer_class
     cls = getattr(diffusers, cls_name)
     return cls.from_pretrained(str(ckpt.transformer_path), dtype=dtype)
 
@@ -383,7 +374,6 @@ def export_checkpoint(
     if ckpt.mode == "lora" and formats == [] and not merge:
         raise ValueError("--lora-format none without --merge leaves nothing to export")
     from train.model_card import model_card
-    from train.models import get_adapter
 
     adapter = get_adapter(ckpt.family)(str(ckpt.meta["pretrained"]), ckpt.meta.get("revision"), torch_dtype)
     notes: list[str] = []

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from train.checkpointing import COMFYUI_FILE, LORA_FILE, Checkpoint
-from train.exporting import FAMILY_NAMES, PIPELINE_CLASSES, TRANSFORMER_CLASSES
+from train.models import get_adapter
 
 
 
@@ -24,7 +24,8 @@ def model_card(ckpt: Checkpoint, files: Mapping[str, bool], repo_id: Optional[st
     data = meta.get("data") or {}
     train = meta.get("train") or {}
     lora = meta.get("lora") or {}
-    pipe_cls, tr_cls = PIPELINE_CLASSES[family], TRANSFORMER_CLASSES[family]
+    adapter = get_adapter(family)
+    pipe_cls, tr_cls = adapter.pipeline_class, adapter.transformer_class
     att_type = str(att.get("type", "dense"))
     where = repo_id or str(local or "<this folder>")
     tags = ["text-to-video", "diffusers", family, "longvideo-sparse-ft", f"{att_type}-attention"]
@@ -64,7 +65,7 @@ def model_card(ckpt: Checkpoint, files: Mapping[str, bool], repo_id: Optional[st
 
     lines = front + [
         "",
-        f"# {FAMILY_NAMES[family]} long-video fine-tune with {att_type} attention",
+        f"# {adapter.release_name} long-video fine-tune with {att_type} attention",
         "",
         f"Fine-tuned from `{base}` with longvideo-sparse-ft on {frames}-frame clips "
         f"at {height}x{width}, with {att_type} block-sparse attention in the video self-attention.",

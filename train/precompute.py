@@ -22,7 +22,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", help="storage dtype of latents and embeddings")
     parser.add_argument("--no-vae-tiling", action="store_true", help="encode whole frames (more memory, no tile seams)")
     parser.add_argument("--overwrite", action="store_true", help="replace a cache made for another setup")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.cache_dir=cache/wan")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.cache_dir=cache/latents")
     return parser.parse_args(argv)
 
 

@@ -29,6 +29,7 @@ def _bool(text: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None):
+    from train.models import FAMILIES
     from train.sampling import ATTENTION_TYPES, SampleOptions
 
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--lora", default=None, help="LoRA export folder / Hub id / .safetensors")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--transformer", default=None, help="fine-tuned transformer (an export folder with transformer/)")
-    p.add_argument("--family", default=None, help="wan | hunyuan_video | mochi (default: from model_index.json)")
+    p.add_argument("--family", default=None, help=f"{' | '.join(FAMILIES)} (default: from model_index.json)")
     p.add_argument("--revision", default=None)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--frames", type=int, default=81)

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from train.errors import UserError
-from train.exporting import DTYPES, LORA_FILE, PIPELINE_CLASSES, TRANSFORMER_CLASSES
+from train.exporting import DTYPES, LORA_FILE
+from train.models import FAMILIES, get_adapter, pipeline_families
 
 ATTENTION_TYPES = ("radial", "svg2", "dense")
-FAMILY_OF_PIPELINE = {cls: family for family, cls in PIPELINE_CLASSES.items()}
-DEFAULT_FPS = {"wan": 16.0, "hunyuan_video": 24.0, "mochi": 30.0}
 
 
 @dataclass
@@ -112,8 +111,8 @@ def check_options(opts: SampleOptions) -> None:
         raise ValueError(f"--decay-factor: expected a positive number, got {opts.decay_factor}")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}; got {opts.dtype!r}")
-    if opts.family is not None and opts.family not in PIPELINE_CLASSES:
-        raise ValueError(f"--family: expected one of {', '.join(PIPELINE_CLASSES)}; got {opts.family!r}")
+    if opts.family is not None and opts.family not in FAMILIES:
+        raise ValueError(f"--family: expected one of {', '.join(FAMILIES)}; got {opts.family!r}")
     if opts.fps is not None and opts.fps <= 0:
         raise ValueError(f"--fps: expected a positive number, got {opts.fps}")
     if not str(opts.out).lower().endswith(".mp4"):
@@ -167,13 +166,14 @@ def resolve_family(model: str, family: Optional[str] = None, revision: Optional[
         except Exception as err:  # noqa: BLE001 - offline / unknown repo: ask for --family
             raise ValueError(
                 f"--model: cannot read model_index.json of {model!r} ({type(err).__name__}); pass --family "
-                f"({', '.join(PIPELINE_CLASSES)})"
+                f"({', '.join(FAMILIES)})"
             ) from None
     if index is not None:
         cls = index.get("_class_name")
-        found = FAMILY_OF_PIPELINE.get(cls)
+        families = pipeline_families()
+        found = families.get(cls)
         if found is None:
-            raise ValueError(f"--model: pipeline class {cls!r} is not supported; expected one of {', '.join(FAMILY_OF_PIPELINE)}")
+            raise ValueError(f"--model: pipeline class {cls!r} is not supported; expected one of {', '.join(families)}")
         if family is not None and family != found:
             raise ValueError(f"--family {family} contradicts {model}'s model_index.json ({cls} -> {found})")
         return found
@@ -190,7 +190,7 @@ def _device_and_dtype(opts: SampleOptions) -> tuple[torch.device, torch.dtype]:
 def load_transformer_override(family: str, path: str, dtype: torch.dtype) -> torch.nn.Module:
     import diffusers
 
-    cls = getattr(diffusers, TRANSFORMER_CLASSES[family])
+    cls = getattr(diffusers, get_adapter(family).transformer_class)
     sub = "transformer" if (Path(path) / "transformer" / "config.json").is_file() or not _looks_local(path) else None
     return cls.from_pretrained(path, subfolder=sub, dtype=dtype)
 
@@ -442,8 +442,6 @@ def generate(opts: SampleOptions, log: Callable[[str], None] = print) -> SampleR
     check_model_not_shadowed(opts.model, log)
     family = resolve_family(opts.model, opts.family, opts.revision)
     device, dtype = _device_and_dtype(opts)
-    from train.models import get_adapter
-
     adapter = get_adapter(family)(opts.model, opts.revision, dtype)
     geometry = adapter.geometry(opts.frames, opts.height, opts.width)  # bad sizes fail before any weights load
     pipe = load_sampling_pipeline(opts, adapter, device, dtype, log)
@@ -476,7 +474,7 @@ def generate(opts: SampleOptions, log: Callable[[str], None] = print) -> SampleR
         hook.remove()
     total = time.perf_counter() - start
     video = output.frames[0]
-    path = write_video(video, opts.out, fps=opts.fps or DEFAULT_FPS[family])
+    path = write_video(video, opts.out, fps=opts.fps or adapter.default_fps)
     result = SampleResult(
         path=path,
         family=family,

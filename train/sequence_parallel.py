@@ -25,7 +25,8 @@ gradients, restricted to the local slice (every rank's downstream replicated tex
 but contributes only its share of their gradient).
 
 Families are wired in through forward hooks on their own modules (torch's extension point), never by editing
-library source: Wan, HunyuanVideo (T2V) and Mochi.
+library source: each adapter's ``sequence_parallel_hooks`` (``train/models/``) registers the hooks built here, and
+``ModelAdapter.install_sequence_parallel`` is the entry point.
 """
 
 from __future__ import annotations
@@ -173,37 +174,28 @@ class _GatherHeads(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# family wiring
+# building blocks of the families' wiring (each adapter's ``sequence_parallel_hooks`` registers them on its modules)
 
 
-FAMILIES = ("wan", "hunyuan_video", "mochi")
-
-
-def install(family: str, transformer: torch.nn.Module, sp: SequenceParallel) -> list[Any]:
-    """Register the hooks that shard the video tokens entering the blocks (and the rotary tables with them) and
-    gather them after ``proj_out``; returns the handles. ``transformer`` is the unwrapped diffusers model."""
-    wiring = {"wan": _install_wan, "hunyuan_video": _install_hunyuan_video, "mochi": _install_mochi}.get(family)
-    if wiring is None:
-        raise ValueError(
-            f"parallel.sequence_parallel_size > 1 is implemented for model.family in {list(FAMILIES)} (got {family!r})"
-        )
+def check_heads(transformer: torch.nn.Module, sp: SequenceParallel, family: str) -> int:
+    """The attention head count of the diffusers ``transformer``, checked to be divisible by the group size."""
     config = getattr(transformer, "config", None)
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(heads, int):
         raise TypeError(f"sequence parallelism for {family!r} needs the diffusers transformer, got {type(transformer).__name__}")
     if heads % sp.size:
         raise ValueError(f"the model's {heads} attention heads are not divisible by parallel.sequence_parallel_size={sp.size}")
-    return wiring(transformer, sp, heads)
+    return heads
 
 
-def _shard_video(sp: SequenceParallel, hidden: torch.Tensor, heads: int) -> torch.Tensor:
+def shard_video(sp: SequenceParallel, hidden: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, N_video, C] -> this rank's [B, N_video/P, C] (ValueError when N_video is not divisible by P)."""
     if hidden.shape[1] % sp.size:
         sp.check_divisible(hidden.shape[1], heads)
     return sp.shard(hidden, 1)
 
 
-def _rope_hook(sp: SequenceParallel, dim: int) -> Any:
+def rope_hook(sp: SequenceParallel, dim: int) -> Any:
     """Forward hook sharding rotary tables (a tensor or a tuple of them) along their token ``dim``."""
 
     def hook(_module: Any, _inputs: Any, output: Any) -> Any:
@@ -212,57 +204,10 @@ def _rope_hook(sp: SequenceParallel, dim: int) -> Any:
     return hook
 
 
-def _gather_hook(sp: SequenceParallel) -> Any:
+def gather_hook(sp: SequenceParallel) -> Any:
+    """Forward hook all-gathering the token shards of a module's output ``[B, N/P, C]`` (the output projection)."""
+
     def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
         return sp.gather(output, 1)
 
     return hook
-
-
-def _install_wan(transformer: torch.nn.Module, sp: SequenceParallel, heads: int) -> list[Any]:
-    def shard_tokens(_module: Any, args: tuple) -> tuple:
-        return (_shard_video(sp, args[0], heads), *args[1:])
-
-    return [
-        transformer.rope.register_forward_hook(_rope_hook(sp, 1)),  # rotary tables [1, N, 1, D]
-        transformer.blocks[0].register_forward_pre_hook(shard_tokens),
-        transformer.proj_out.register_forward_hook(_gather_hook(sp)),
-    ]
-
-
-def _install_hunyuan_video(transformer: torch.nn.Module, sp: SequenceParallel, heads: int) -> list[Any]:
-    """Shard the patch embedding's output: the forward then builds its [video; text] key mask from the local
-    video length, so the blocks (double: separate streams; single: [video; text] split by the text length) and
-    the processor see a consistent local layout. The token refiner is text only and stays replicated."""
-    condition = getattr(transformer.config, "image_condition_type", None)
-    if condition == "token_replace":
-        raise ValueError(
-            "sequence parallelism does not support HunyuanVideo with image_condition_type='token_replace' (its "
-            "first-frame tokens are modulated apart, which assumes the whole sequence on every rank)"
-        )
-
-    def shard_tokens(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        return _shard_video(sp, output, heads)
-
-    return [
-        transformer.rope.register_forward_hook(_rope_hook(sp, 0)),  # (cos, sin) [N, D]
-        transformer.x_embedder.register_forward_hook(shard_tokens),
-        transformer.proj_out.register_forward_hook(_gather_hook(sp)),
-    ]
-
-
-def _install_mochi(transformer: torch.nn.Module, sp: SequenceParallel, heads: int) -> list[Any]:
-    """Mochi embeds per frame and flattens frames into the sequence inside its forward, so the tokens are sharded
-    at the first block (called with keywords, or positionally under gradient checkpointing). Its RoPE tables are
-    computed from the learned ``pos_frequencies``: sharding them gives each rank the gradient of its tokens."""
-
-    def shard_tokens(_module: Any, args: tuple, kwargs: dict) -> tuple:
-        if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": _shard_video(sp, kwargs["hidden_states"], heads)}
-        return (_shard_video(sp, args[0], heads), *args[1:]), kwargs
-
-    return [
-        transformer.rope.register_forward_hook(_rope_hook(sp, 0)),  # (cos, sin) [N, H, D/2]
-        transformer.transformer_blocks[0].register_forward_pre_hook(shard_tokens, with_kwargs=True),
-        transformer.proj_out.register_forward_hook(_gather_hook(sp)),
-    ]

@@ -251,9 +251,7 @@ class Trainer:
         unwrapped = self.accelerator.unwrap_model(run.transformer)
         run.router = run.adapter.install_attention(unwrapped, self.cfg.attention, base)
         if run.sp is not None:
-            from train import sequence_parallel
-
-            sequence_parallel.install(self.cfg.model.family, unwrapped, run.sp)
+            run.adapter.install_sequence_parallel(unwrapped, run.sp)
             run.router.sequence_parallel = run.sp
 
     # ------------------------------------------------------------------------------------------------------------

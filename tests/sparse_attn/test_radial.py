@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from sparse_attn.radial import mask_density, radial_block_mask
+from sparse_attn.radial import MODELS, mask_density, radial_block_mask
 
 # ------------------------------------------------------------------------------------------
 # literal oracle
@@ -312,6 +312,21 @@ def test_sink_column_only_when_on():
     for model, default_sink in (("wan", True), ("hunyuan", False), ("mochi", False)):
         forced = radial_block_mask(frames, tpf, model=model, attention_sink=default_sink)
         assert torch.equal(radial_block_mask(frames, tpf, model=model), forced)
+
+
+def test_hunyuan_video_is_an_alias_of_hunyuan():
+    """The family spelling of the training code names the same rule (same sink default, same cached tensor)."""
+    for sink in (None, True, False):
+        for args in [(9, 300, 64, 77), (33, 3600, 128, 0)]:
+            frames, tpf, bs, text = args
+            kw = dict(block_size=bs, text_tokens=text, attention_sink=sink)
+            alias = radial_block_mask(frames, tpf, model="hunyuan_video", **kw)
+            assert alias is radial_block_mask(frames, tpf, model="hunyuan", **kw)
+            if sink is None:
+                assert not torch.equal(alias, radial_block_mask(frames, tpf, model="wan", **kw))  # no sink
+    assert MODELS["hunyuan_video"] is MODELS["hunyuan"] is False
+    with pytest.raises(ValueError, match="hunyuan_video"):  # the error lists it among the choices
+        radial_block_mask(4, 128, model="hunyuanvideo")
 
 
 def test_diagonal_blocks_always_kept():

@@ -39,7 +39,7 @@ def _expand(block_mask: torch.Tensor, n: int, bs: int) -> torch.Tensor:
 
 def test_dense_equals_reference_with_key_padding() -> None:
     text = 8
-    router = AttentionRouter(AttentionConfig(type="dense"), GEOM, model="hunyuan")
+    router = AttentionRouter(AttentionConfig(type="dense"), GEOM, radial_rule="hunyuan")
     q, k, v = _qkv(GEOM.video_tokens + text)
     pad = torch.ones(2, GEOM.video_tokens + text, dtype=torch.bool)
     pad[1, -3:] = False  # sample 1 has 5 valid text tokens
@@ -55,7 +55,7 @@ def test_radial_all_true_mask_equals_dense_with_grads() -> None:
     # One block larger than the sequence: the official rule makes the block that holds the video tail dense,
     # so the single block is True. (block_size == N would not do: the 1/3-0.6 quantisation drops it.)
     n = GEOM.video_tokens
-    router = AttentionRouter(AttentionConfig(type="radial", block_size=n + 16, backend="torch"), GEOM, model="wan")
+    router = AttentionRouter(AttentionConfig(type="radial", block_size=n + 16, backend="torch"), GEOM, radial_rule="wan")
     assert bool(router.radial_mask().all()) and router.radial_mask().shape == (1, 1)
     q, k, v = _qkv(n, grad=True)
     out = router(0, q, k, v)
@@ -74,7 +74,7 @@ def test_radial_uses_the_radial_mask_and_reports_its_density() -> None:
 
     bs = 16
     cfg = AttentionConfig(type="radial", block_size=bs, dense_layers=1, backend="torch")
-    router = AttentionRouter(cfg, GEOM, model="wan")
+    router = AttentionRouter(cfg, GEOM, radial_rule="wan")
     want = radial_block_mask(GEOM.latent_frames, GEOM.tokens_per_frame, block_size=bs, model="wan")
     assert torch.equal(router.radial_mask(), want)
     assert not bool(want.all())  # a real sparse mask, so the comparison below can fail
@@ -96,7 +96,7 @@ def test_radial_uses_the_radial_mask_and_reports_its_density() -> None:
 
 def test_radial_text_tokens_and_key_padding() -> None:
     bs, text = 16, 8
-    router = AttentionRouter(AttentionConfig(type="radial", block_size=bs, backend="torch"), GEOM, model="hunyuan")
+    router = AttentionRouter(AttentionConfig(type="radial", block_size=bs, backend="torch"), GEOM, radial_rule="hunyuan")
     n = GEOM.video_tokens + text
     q, k, v = _qkv(n)
     pad = torch.ones(2, n, dtype=torch.bool)
@@ -109,7 +109,7 @@ def test_radial_text_tokens_and_key_padding() -> None:
 
 
 def test_token_count_mismatch_raises() -> None:
-    router = AttentionRouter(AttentionConfig(type="radial", block_size=16), GEOM, model="wan")
+    router = AttentionRouter(AttentionConfig(type="radial", block_size=16), GEOM, radial_rule="wan")
     q, k, v = _qkv(GEOM.video_tokens + 3)
     with pytest.raises(ValueError, match=r"mask does not match the token count.*N=67.*64"):
         router(0, q, k, v)
@@ -137,13 +137,13 @@ def test_bad_config_names_the_key(field: str, value: object, pattern: str) -> No
     cfg = AttentionConfig()
     setattr(cfg, field, value)
     with pytest.raises(ValueError, match=pattern):
-        AttentionRouter(cfg, GEOM, model="wan")
+        AttentionRouter(cfg, GEOM, radial_rule="wan")
 
 
 def test_bad_model_and_inputs() -> None:
-    with pytest.raises(ValueError, match="model must be one of"):
-        AttentionRouter(AttentionConfig(), GEOM, model="sora")
-    router = AttentionRouter(AttentionConfig(type="dense"), GEOM, model="wan")
+    with pytest.raises(ValueError, match="radial_rule must be one of"):
+        AttentionRouter(AttentionConfig(), GEOM, radial_rule="sora")
+    router = AttentionRouter(AttentionConfig(type="dense"), GEOM, radial_rule="wan")
     q, k, v = _qkv(GEOM.video_tokens)
     with pytest.raises(ValueError, match="key_padding_mask"):
         router(0, q, k, v, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
@@ -156,7 +156,7 @@ def test_svg2_routing_is_replayed_within_a_step() -> None:
     # first call returned) would give another routing; a recomputation in the same step must not.
     cfg = AttentionConfig(type="svg2", num_q_clusters=6, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0,
                           kmeans_iters=1, backend="torch")
-    router = AttentionRouter(cfg, GEOM, model="wan")
+    router = AttentionRouter(cfg, GEOM, radial_rule="wan")
     q, k, v = _qkv(GEOM.video_tokens, b=1)
     router.begin_step()
     first = router(0, q, k, v)
@@ -174,13 +174,13 @@ def test_svg2_routing_is_replayed_within_a_step() -> None:
 def test_svg2_top_p_one_equals_dense() -> None:
     cfg = AttentionConfig(type="svg2", num_q_clusters=4, num_k_clusters=4, top_p=1.0, min_kc_ratio=1.0,
                           kmeans_iters=2, backend="torch")
-    router = AttentionRouter(cfg, GEOM, model="wan")
+    router = AttentionRouter(cfg, GEOM, radial_rule="wan")
     q, k, v = _qkv(GEOM.video_tokens)
     torch.testing.assert_close(router(0, q, k, v).double(), _reference(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 def test_density_follows_the_last_step() -> None:
-    router = AttentionRouter(AttentionConfig(type="radial", block_size=16, backend="torch"), GEOM, model="wan")
+    router = AttentionRouter(AttentionConfig(type="radial", block_size=16, backend="torch"), GEOM, radial_rule="wan")
     q, k, v = _qkv(GEOM.video_tokens, b=1)
     router.begin_step()
     router(0, q, k, v)

@@ -123,7 +123,7 @@ class Case:
         return run
 
     def pipeline(self) -> Any:
-        return getattr(diffusers, exporting.PIPELINE_CLASSES[self.family]).from_pretrained(self.tiny, dtype=torch.float32)
+        return getattr(diffusers, self.cls.pipeline_class).from_pretrained(self.tiny, dtype=torch.float32)
 
 
 _CASES: dict[str, Case] = {}
@@ -316,7 +316,7 @@ def test_merge_equals_base_plus_lora(case: Case, tmp_path: Path) -> None:
     folder = tmp_path / "out" / "transformer"
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     assert len(shards) > 1 and (folder / "diffusion_pytorch_model.safetensors.index.json").is_file(), res.files
-    cls = getattr(diffusers, exporting.TRANSFORMER_CLASSES[case.family])
+    cls = getattr(diffusers, case.cls.transformer_class)
     merged = cls.from_pretrained(str(tmp_path / "out"), subfolder="transformer", dtype=torch.float32).eval()
     state = merged.state_dict()
     assert set(state) == set(case.base_state)

@@ -104,7 +104,7 @@ def test_tiny_pipeline_loads_offline_and_is_reproducible(tiny_dir: str, tmp_path
 def test_tiny_tokenizer_is_offline_t5_style_and_deterministic(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from train.models.tiny_tokenizer import save_tiny_t5_tokenizer, tiny_t5_tokenizer
+    from train.tiny.t5_tokenizer import save_tiny_t5_tokenizer, tiny_t5_tokenizer
 
     tok = save_tiny_t5_tokenizer(tmp_path / "tok", model_max_length=16)
     loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")

@@ -61,7 +61,7 @@ def _loss_and_grads(
         from train import sequence_parallel
 
         sp = sequence_parallel.SequenceParallel.create(sp_size)
-        sequence_parallel.install(family, transformer, sp)
+        adapter.install_sequence_parallel(transformer, sp)
         router.sequence_parallel = sp
         scale = sp.size
     inputs = torch.load(inputs_path) if inputs_path else {}
@@ -148,29 +148,30 @@ def _fake_sp(size: int = 2) -> Any:
     return sequence_parallel.SequenceParallel(size=size, rank=0, dp_rank=0, dp_size=1, group=None)
 
 
-def test_unknown_families_are_refused_clearly() -> None:
-    from train import sequence_parallel
+def test_families_without_wiring_and_non_diffusers_models_are_refused_clearly(tiny_models: dict) -> None:
+    """A family that does not override ``sequence_parallel_hooks`` gets the base class's one-line refusal; a module
+    that is not a diffusers transformer is named."""
+    from train.models.base import ModelAdapter
 
-    with pytest.raises(ValueError, match="model.family in"):
-        sequence_parallel.install("cogvideox", torch.nn.Linear(2, 2), _fake_sp())
+    adapter = get_adapter("wan")(tiny_models["wan"][0], dtype=torch.float32)
+    with pytest.raises(ValueError, match="sequence_parallel_size > 1 is not implemented for model.family 'wan'"):
+        ModelAdapter.sequence_parallel_hooks(adapter, adapter.load_transformer(), _fake_sp(), 2)
+    with pytest.raises(TypeError, match="needs the diffusers transformer, got Linear"):
+        adapter.install_sequence_parallel(torch.nn.Linear(2, 2), _fake_sp())
 
 
 def test_heads_not_divisible_are_refused(tiny_models: dict) -> None:
-    from train import sequence_parallel
-
     for family in ("hunyuan_video", "mochi"):
-        transformer = get_adapter(family)(tiny_models[family][0], dtype=torch.float32).load_transformer()
+        adapter = get_adapter(family)(tiny_models[family][0], dtype=torch.float32)
         with pytest.raises(ValueError, match="2 attention heads are not divisible by parallel.sequence_parallel_size=3"):
-            sequence_parallel.install(family, transformer, _fake_sp(3))
+            adapter.install_sequence_parallel(adapter.load_transformer(), _fake_sp(3))
 
 
 def test_video_tokens_not_divisible_are_refused(tiny_models: dict) -> None:
     """The shard hook names the video token count (text tokens never need to divide)."""
-    from train import sequence_parallel
-
     adapter = get_adapter("mochi")(tiny_models["mochi"][0], dtype=torch.float32)
     transformer = adapter.load_transformer()
-    sequence_parallel.install("mochi", transformer, _fake_sp(2))
+    adapter.install_sequence_parallel(transformer, _fake_sp(2))
     inputs = torch.load(tiny_models["mochi"][1])
     noisy = inputs["noisy"][:, :, :3, :6, :6]  # 3 latent frames x 3 x 3 patches = 27 video tokens
     with pytest.raises(ValueError, match=r"video token count \(27\) to be divisible"):

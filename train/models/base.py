@@ -19,9 +19,26 @@ __all__ = ["ModelAdapter", "VideoGeometry"]
 
 
 class ModelAdapter(ABC):
-    """One diffusers video DiT family (Wan2.1, HunyuanVideo, Mochi)."""
+    """One diffusers video DiT family (Wan2.1, HunyuanVideo, Mochi): the one owner of every fact about it.
 
+    Code outside ``train/models/`` reads these class attributes (through ``get_adapter(family)``) instead of
+    keeping its own per-family tables.
+    """
+
+    #: ``model.family`` spelling, the registry key (``train/models/__init__.py``).
     family: ClassVar[str]
+    #: Short name in messages ("frames must be of the form 4k+1 for HunyuanVideo").
+    display_name: ClassVar[str]
+    #: Name of the released model in export model-card titles ("Wan2.1 long-video fine-tune ...").
+    release_name: ClassVar[str]
+    #: diffusers classes: the pipeline (``model_index.json`` ``_class_name``; LoRA writing and loading, sampling)
+    #: and the transformer (merging, full fine-tunes, meta-device parameter counts).
+    pipeline_class: ClassVar[str]
+    transformer_class: ClassVar[str]
+    #: Rule of ``sparse_attn.radial_block_mask`` (``model=``) the family's radial attention uses.
+    radial_rule: ClassVar[str]
+    #: Frame rate of sampled mp4s when none is asked for (the family's native rate).
+    default_fps: ClassVar[float]
     frame_multiple: ClassVar[int]  # valid pixel frame counts are frame_multiple * k + 1
     default_lora_targets: ClassVar[list[str]]
 
@@ -83,12 +100,37 @@ class ModelAdapter(ABC):
         trainer can log it. ``attention`` is the recipe's AttentionConfig.
         """
 
+    # -- sequence parallelism -------------------------------------------------------------------
+    def install_sequence_parallel(self, transformer: nn.Module, sp: Any) -> list[Any]:
+        """Ulysses sequence parallelism over ``sp`` (a ``train.sequence_parallel.SequenceParallel``) on the
+        unwrapped diffusers ``transformer``: the generic checks, then the family's :meth:`sequence_parallel_hooks`.
+        Returns the hook handles."""
+        from train import sequence_parallel
+
+        heads = sequence_parallel.check_heads(transformer, sp, self.family)
+        return self.sequence_parallel_hooks(transformer, sp, heads)
+
+    def sequence_parallel_hooks(self, transformer: nn.Module, sp: Any, heads: int) -> list[Any]:
+        """Register the forward hooks that shard the video tokens entering the blocks (and the rotary tables with
+        them) and gather them after the output projection (helpers in ``train.sequence_parallel``); return the
+        handles. A family without sequence parallelism keeps this default."""
+        raise ValueError(f"parallel.sequence_parallel_size > 1 is not implemented for model.family {self.family!r}")
+
     # -- tiny models --------------------------------------------------------------------------
     @classmethod
     @abstractmethod
+    def tiny_pipeline(cls) -> Any:
+        """The family's tiny random-weight diffusers pipeline object (tiny transformer / VAE sizes, tiny text
+        encoders and offline tokenizers from ``train.tiny``); called under a fixed torch seed."""
+
+    @classmethod
     def save_tiny_random(cls, out_dir: str, seed: int = 0) -> str:
         """Write a tiny random-weight diffusers pipeline folder of this family (model_index.json, offline
-        tokenizer(s)); used by the tests and the quickstart, where no weights can be downloaded."""
+        tokenizer(s)); used by the tests and the quickstart, where no weights can be downloaded. The folder is
+        built next to ``out_dir`` and renamed into place, so it is either complete or absent."""
+        from train.tiny.pipeline import save_tiny_pipeline
+
+        return save_tiny_pipeline(cls.tiny_pipeline, out_dir, seed)
 
     # -- export -----------------------------------------------------------------------------
     #: Whether several diffusers modules map to one fused original weight (exporting that needs the base config).

@@ -1,14 +1,12 @@
-"""What the family adapters share: input checks, geometry, config reading, the router step hook, atomic
-pipeline writing, and two adapter bases keyed by class attributes - :class:`DiffusersAdapter` (every family:
-config reading, transformer loading, router processors) and :class:`PipelineAdapter` (HunyuanVideo and Mochi:
+"""What the family adapters share: input checks, geometry, config reading, the router step hook, and two
+adapter bases keyed by class attributes - :class:`DiffusersAdapter` (every family: config reading, transformer
+loading, router processors) and :class:`PipelineAdapter` (HunyuanVideo and Mochi:
 one constructor, geometry, noise levels and pipeline loading). Family knowledge stays in the adapter files."""
 
 from __future__ import annotations
 
 import importlib
 import os
-import shutil
-import tempfile
 import weakref
 from abc import abstractmethod
 from pathlib import Path
@@ -19,9 +17,6 @@ from torch import nn
 
 from train.geometry import VideoGeometry
 from train.models.base import ModelAdapter
-
-#: diffusers pipeline class -> our family name (for "this folder is another family" messages).
-PIPELINE_FAMILIES = {"WanPipeline": "wan", "HunyuanVideoPipeline": "hunyuan_video", "MochiPipeline": "mochi"}
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -129,7 +124,9 @@ def read_model_index(pretrained: Any, revision: Optional[str], expected: str) ->
         ) from err
     found = index.get("_class_name")
     if found != expected:
-        family = PIPELINE_FAMILIES.get(found)
+        from train.models import pipeline_families
+
+        family = pipeline_families().get(found)
         hint = f" of family {family!r} (set model.family: {family})" if family else ""
         raise ValueError(f"model.pretrained: {pretrained!r} holds a {found!r} pipeline{hint}, not a {expected}")
     return dict(index)
@@ -190,24 +187,6 @@ def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tens
     """x_s = (1-s) x0 + s noise in the latents' dtype (the straight flow-matching path), shapes checked."""
     s = broadcast_sigmas(latents, noise, sigmas)
     return ((1.0 - s) * latents + s * noise).to(latents.dtype)
-
-
-def write_pipeline_atomically(pipe: Any, out_dir: str | os.PathLike) -> str:
-    """save_pretrained into a temporary sibling folder, then rename it to ``out_dir`` (nothing half-written)."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"save_tiny_random: {str(out)!r} exists and is not an empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return str(out)
 
 
 # -- attention processors ------------------------------------------------------------------------------------
@@ -313,14 +292,10 @@ class DiffusersAdapter(ModelAdapter):
     size), so neither the trainer nor the pipelines call ``begin_step``. Installing again replaces the router.
     """
 
-    #: diffusers classes of the pipeline (``model_index.json`` ``_class_name``), ``transformer`` and ``vae``.
-    pipeline_class: ClassVar[str]
-    transformer_class: ClassVar[str]
+    #: diffusers class of the ``vae`` (the pipeline and transformer classes are declared by ModelAdapter).
     vae_class: ClassVar[str]
     #: An attribute only that transformer has, checked before processors are installed.
     transformer_marker: ClassVar[str]
-    #: ``model=`` of the family's AttentionRouter (its mask layout).
-    router_model: ClassVar[str]
     #: Class names of the repeated blocks regional compilation compiles when the diffusers class declares no
     #: ``_repeated_blocks`` (train/step_speed.py).
     repeated_blocks: ClassVar[tuple[str, ...]] = ()
@@ -382,7 +357,7 @@ class DiffusersAdapter(ModelAdapter):
         model = unwrap(transformer)
         if not hasattr(model, self.transformer_marker):
             raise TypeError(f"expected a {self.transformer_class}, got {type(model).__name__}")
-        router = AttentionRouter(attention, geometry, model=self.router_model)
+        router = AttentionRouter(attention, geometry, radial_rule=self.radial_rule)
         for idx, attn in enumerate(self._routed_attentions(model)):
             set_processor(attn, self.router_processor(router, idx))
         set_step_hook(model, StepHook(router, self.geometry_from_latents))
@@ -403,8 +378,6 @@ class PipelineAdapter(DiffusersAdapter):
     geometry from the VAE and patch factors, shifted noise levels, and the encoders and sampler loaded through
     the family's pipeline class (so classes and dtypes are exactly the pipeline's)."""
 
-    #: Family name in messages ("frames must be of the form 4k+1 for HunyuanVideo").
-    display_name: ClassVar[str]
     #: ``train.timestep_shift`` when none is given.
     default_shift: ClassVar[float]
     #: Pipeline components the family's encoders object holds under the same names (VAE, text encoders,

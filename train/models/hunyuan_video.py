@@ -216,6 +216,8 @@ class HunyuanVideoAdapter(common.PipelineAdapter):
 
     family = "hunyuan_video"
     display_name = "HunyuanVideo"
+    release_name = "HunyuanVideo"
+    default_fps = 24.0
     comfyui_fuses = True  # split q/k/v (and the single blocks' MLP) map onto fused original weights
     frame_multiple = 4
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -226,7 +228,7 @@ class HunyuanVideoAdapter(common.PipelineAdapter):
     vae_class = "AutoencoderKLHunyuanVideo"
     encoder_components = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     transformer_marker = "single_transformer_blocks"
-    router_model = "hunyuan"
+    radial_rule = "hunyuan_video"
     router_processor = HunyuanVideoRouterAttnProcessor
     stock_processor = "diffusers.models.transformers.transformer_hunyuan_video:HunyuanVideoAttnProcessor2_0"
     #: Embedded guidance the distilled transformer is conditioned on during training (times 1000 in the model).
@@ -346,9 +348,32 @@ class HunyuanVideoAdapter(common.PipelineAdapter):
         """Every double-stream block's ``attn``, then every single-stream block's (the token refiner stays)."""
         return [block.attn for block in list(model.transformer_blocks) + list(model.single_transformer_blocks)]
 
+    # -- sequence parallelism -------------------------------------------------------------------------------
+    def sequence_parallel_hooks(self, transformer: nn.Module, sp: Any, heads: int) -> list[Any]:
+        """Shard the patch embedding's output: the forward then builds its [video; text] key mask from the local
+        video length, so the blocks (double: separate streams; single: [video; text] split by the text length) and
+        the processor see a consistent local layout. The token refiner is text only and stays replicated."""
+        from train.sequence_parallel import gather_hook, rope_hook, shard_video
+
+        condition = getattr(transformer.config, "image_condition_type", None)
+        if condition == "token_replace":
+            raise ValueError(
+                "sequence parallelism does not support HunyuanVideo with image_condition_type='token_replace' (its "
+                "first-frame tokens are modulated apart, which assumes the whole sequence on every rank)"
+            )
+
+        def shard_tokens(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            return shard_video(sp, output, heads)
+
+        return [
+            transformer.rope.register_forward_hook(rope_hook(sp, 0)),  # (cos, sin) [N, D]
+            transformer.x_embedder.register_forward_hook(shard_tokens),
+            transformer.proj_out.register_forward_hook(gather_hook(sp)),
+        ]
+
     # -- tiny models -----------------------------------------------------------------------------------------
     @classmethod
-    def save_tiny_random(cls, out_dir: str, seed: int = 0) -> str:
+    def tiny_pipeline(cls) -> Any:
         """A tiny random HunyuanVideo pipeline (1 double + 2 single blocks, 4 latent channels, Llama 32-d,
         CLIP 16-d, offline tokenizers, guidance-distilled like the release, scheduler shift 7.0)."""
         from diffusers import (
@@ -359,44 +384,41 @@ class HunyuanVideoAdapter(common.PipelineAdapter):
         )
         from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-        from train.models.tiny_text_encoders import (
+        from train.tiny.text_encoders import (
             tiny_clip_text_model,
             tiny_clip_tokenizer,
             tiny_llama_model,
             tiny_llama_tokenizer,
         )
 
-        common.check_int("seed", seed)
         template = DEFAULT_PROMPT_TEMPLATE["template"]
         tokenizer = tiny_llama_tokenizer(template.split("{}")[0], crop_start=int(DEFAULT_PROMPT_TEMPLATE["crop_start"]))
         tokenizer_2 = tiny_clip_tokenizer()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            transformer = HunyuanVideoTransformer3DModel(
-                in_channels=4,
-                out_channels=4,
-                num_attention_heads=2,
-                attention_head_dim=16,
-                num_layers=1,
-                num_single_layers=2,
-                num_refiner_layers=1,
-                text_embed_dim=32,
-                pooled_projection_dim=16,
-                rope_axes_dim=(4, 6, 6),
-                guidance_embeds=True,
-            )
-            vae = AutoencoderKLHunyuanVideo(
-                latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4
-            )
-            text_encoder = tiny_llama_model(len(tokenizer), 32)
-            text_encoder_2 = tiny_clip_text_model(
-                len(tokenizer_2),
-                16,
-                bos_token_id=tokenizer_2.bos_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-                pad_token_id=tokenizer_2.pad_token_id,
-            )
-        pipe = HunyuanVideoPipeline(
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=1,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            text_embed_dim=32,
+            pooled_projection_dim=16,
+            rope_axes_dim=(4, 6, 6),
+            guidance_embeds=True,
+        )
+        vae = AutoencoderKLHunyuanVideo(
+            latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4
+        )
+        text_encoder = tiny_llama_model(len(tokenizer), 32)
+        text_encoder_2 = tiny_clip_text_model(
+            len(tokenizer_2),
+            16,
+            bos_token_id=tokenizer_2.bos_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            pad_token_id=tokenizer_2.pad_token_id,
+        )
+        return HunyuanVideoPipeline(
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             transformer=transformer.eval(),
@@ -405,7 +427,6 @@ class HunyuanVideoAdapter(common.PipelineAdapter):
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
         )
-        return common.write_pipeline_atomically(pipe, out_dir)
 
     # -- export ----------------------------------------------------------------------------------------------
     def comfyui_key(self, diffusers_module: str) -> Optional[str]:

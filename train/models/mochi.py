@@ -146,6 +146,8 @@ class MochiAdapter(common.PipelineAdapter):
 
     family = "mochi"
     display_name = "Mochi"
+    release_name = "Mochi 1"
+    default_fps = 30.0
     frame_multiple = 6
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     #: Timestep shift of the training noise levels: 1.0 = uniform (Genmo's fine-tuner).
@@ -156,7 +158,7 @@ class MochiAdapter(common.PipelineAdapter):
     encoder_components = ("vae", "text_encoder", "tokenizer")
     transformer_marker = "pos_frequencies"
     repeated_blocks = ("MochiTransformerBlock",)  # diffusers 0.42 declares no _repeated_blocks for Mochi
-    router_model = "mochi"
+    radial_rule = "mochi"
     router_processor = MochiRouterAttnProcessor
     stock_processor = "diffusers.models.attention_processor:MochiAttnProcessor2_0"
     #: T5 text length (the pipeline's ``max_sequence_length`` default).
@@ -264,9 +266,28 @@ class MochiAdapter(common.PipelineAdapter):
         """Every block's ``attn1`` (a ``MochiAttention``: no ``set_processor``, its ``processor`` is assigned)."""
         return [block.attn1 for block in model.transformer_blocks]
 
+    # -- sequence parallelism -------------------------------------------------------------------------------
+    def sequence_parallel_hooks(self, transformer: nn.Module, sp: Any, heads: int) -> list[Any]:
+        """Mochi embeds per frame and flattens frames into the sequence inside its forward, so the tokens are
+        sharded at the first block (called with keywords, or positionally under gradient checkpointing). Its RoPE
+        tables are computed from the learned ``pos_frequencies``: sharding them gives each rank the gradient of
+        its tokens."""
+        from train.sequence_parallel import gather_hook, rope_hook, shard_video
+
+        def shard_tokens(_module: Any, args: tuple, kwargs: dict) -> tuple:
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": shard_video(sp, kwargs["hidden_states"], heads)}
+            return (shard_video(sp, args[0], heads), *args[1:]), kwargs
+
+        return [
+            transformer.rope.register_forward_hook(rope_hook(sp, 0)),  # (cos, sin) [N, H, D/2]
+            transformer.transformer_blocks[0].register_forward_pre_hook(shard_tokens, with_kwargs=True),
+            transformer.proj_out.register_forward_hook(gather_hook(sp)),
+        ]
+
     # -- tiny models -----------------------------------------------------------------------------------------
     @classmethod
-    def save_tiny_random(cls, out_dir: str, seed: int = 0) -> str:
+    def tiny_pipeline(cls) -> Any:
         """A tiny random Mochi pipeline (2 blocks, 12 latent channels as the pipeline's decode expects, T5 32-d,
         offline tokenizer, random RoPE frequencies, scheduler with ``invert_sigmas=True``)."""
         from diffusers import (
@@ -277,41 +298,37 @@ class MochiAdapter(common.PipelineAdapter):
         )
         from transformers import T5EncoderModel
 
-        from train.models.tiny_text_encoders import tiny_t5_encoder
-        from train.models.tiny_tokenizer import tiny_t5_tokenizer
+        from train.tiny.t5_tokenizer import tiny_t5_tokenizer
+        from train.tiny.text_encoders import tiny_t5_encoder
 
-        common.check_int("seed", seed)
         tokenizer = tiny_t5_tokenizer(vocab_size=256, model_max_length=cls.max_sequence_length)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            transformer = MochiTransformer3DModel(
-                patch_size=2,
-                num_attention_heads=2,
-                attention_head_dim=16,
-                num_layers=2,
-                pooled_projection_dim=16,
-                in_channels=12,
-                text_embed_dim=32,
-                time_embed_dim=8,
-                max_sequence_length=cls.max_sequence_length,
-            )
-            # Released weights learn these; zeros (the constructor's value) would make RoPE a no-op.
-            transformer.pos_frequencies.data.normal_(0.0, 0.5)
-            vae = AutoencoderKLMochi(
-                latent_channels=12,
-                encoder_block_out_channels=(32, 32, 32, 32),
-                decoder_block_out_channels=(32, 32, 32, 32),
-                layers_per_block=(1, 1, 1, 1, 1),
-            )
-            text_encoder = tiny_t5_encoder(T5EncoderModel, tokenizer, feed_forward_proj="gated-gelu")
-        pipe = MochiPipeline(
+        transformer = MochiTransformer3DModel(
+            patch_size=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=2,
+            pooled_projection_dim=16,
+            in_channels=12,
+            text_embed_dim=32,
+            time_embed_dim=8,
+            max_sequence_length=cls.max_sequence_length,
+        )
+        # Released weights learn these; zeros (the constructor's value) would make RoPE a no-op.
+        transformer.pos_frequencies.data.normal_(0.0, 0.5)
+        vae = AutoencoderKLMochi(
+            latent_channels=12,
+            encoder_block_out_channels=(32, 32, 32, 32),
+            decoder_block_out_channels=(32, 32, 32, 32),
+            layers_per_block=(1, 1, 1, 1, 1),
+        )
+        text_encoder = tiny_t5_encoder(T5EncoderModel, tokenizer, feed_forward_proj="gated-gelu")
+        return MochiPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
             vae=vae.eval(),
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             transformer=transformer.eval(),
         )
-        return common.write_pipeline_atomically(pipe, out_dir)
 
     # -- export ----------------------------------------------------------------------------------------------
     def comfyui_key(self, diffusers_module: str) -> Optional[str]:

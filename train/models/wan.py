@@ -49,7 +49,7 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = dict(
     attention_head_dim=16,
     in_channels=4,
     out_channels=4,
-    text_dim=32,  # == the tiny text encoder's d_model (tiny_text_encoders.TINY_T5_SIZES)
+    text_dim=32,  # == the tiny text encoder's d_model (train.tiny.text_encoders.TINY_T5_SIZES)
     freq_dim=32,
     ffn_dim=64,
     num_layers=2,
@@ -122,13 +122,16 @@ class WanAdapter(common.DiffusersAdapter):
     """Wan2.1 / Wan2.2-style single-transformer text-to-video models in diffusers format."""
 
     family = "wan"
+    display_name = "Wan"
+    release_name = "Wan2.1"
+    default_fps = 16.0
     frame_multiple = 4
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     pipeline_class = "WanPipeline"
     transformer_class = "WanTransformer3DModel"
     vae_class = "AutoencoderKLWan"
     transformer_marker = "blocks"
-    router_model = "wan"
+    radial_rule = "wan"
     router_processor = WanSparseAttnProcessor
     stock_processor = "diffusers.models.transformers.transformer_wan:WanAttnProcessor"
 
@@ -377,34 +380,42 @@ class WanAdapter(common.DiffusersAdapter):
         processor."""
         return [block.attn1 for block in model.blocks]
 
+    # -- sequence parallelism -------------------------------------------------------------------------
+    def sequence_parallel_hooks(self, transformer: nn.Module, sp: Any, heads: int) -> list[Any]:
+        """Tokens sharded entering the first block, rotary tables [1, N, 1, D] with them, gathered after
+        ``proj_out``; the text cross-attention works per video token on the local shard."""
+        from train.sequence_parallel import gather_hook, rope_hook, shard_video
+
+        def shard_tokens(_module: Any, args: tuple) -> tuple:
+            return (shard_video(sp, args[0], heads), *args[1:])
+
+        return [
+            transformer.rope.register_forward_hook(rope_hook(sp, 1)),  # rotary tables [1, N, 1, D]
+            transformer.blocks[0].register_forward_pre_hook(shard_tokens),
+            transformer.proj_out.register_forward_hook(gather_hook(sp)),
+        ]
+
     # -- tiny models ----------------------------------------------------------------------------------
     @classmethod
-    def save_tiny_random(cls, out_dir: str, seed: int = 0) -> str:
-        """Write a tiny random-weight ``WanPipeline`` folder (about 70k parameters, 0.4 MB) fully offline.
-
-        The folder is built next to ``out_dir`` and renamed into place, so it is either complete or absent.
-        """
+    def tiny_pipeline(cls) -> Any:
+        """A tiny random-weight ``WanPipeline`` (about 70k parameters, 0.4 MB), built fully offline."""
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
         from transformers import UMT5EncoderModel
 
-        from train.models.tiny_text_encoders import tiny_t5_encoder
-        from train.models.tiny_tokenizer import tiny_t5_tokenizer
+        from train.tiny.t5_tokenizer import tiny_t5_tokenizer
+        from train.tiny.text_encoders import tiny_t5_encoder
 
-        common.check_int("seed", seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            tokenizer = tiny_t5_tokenizer(model_max_length=TINY_TEXT_TOKENS)
-            text_encoder = tiny_t5_encoder(UMT5EncoderModel, tokenizer)
-            vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
-            transformer = WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
-        pipe = WanPipeline(
+        tokenizer = tiny_t5_tokenizer(model_max_length=TINY_TEXT_TOKENS)
+        text_encoder = tiny_t5_encoder(UMT5EncoderModel, tokenizer)
+        vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
+        transformer = WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+        return WanPipeline(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             vae=vae,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=WAN_DEFAULT_SHIFT),
             transformer=transformer,
         )
-        return common.write_pipeline_atomically(pipe, out_dir)
 
     # -- export ---------------------------------------------------------------------------------------
     def comfyui_key(self, diffusers_module: str) -> Optional[str]:

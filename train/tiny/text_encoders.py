@@ -12,7 +12,7 @@ prompt) is exactly ``crop_start`` tokens long (95, like the real Llama-3 tokeniz
 removes exactly the template, and prompt lengths (hence text padding masks) behave as with the real model.
 
 The tiny T5-family encoder of the Wan (UMT5) and Mochi (T5) pipelines is built here too, over the tokenizer of
-:mod:`train.models.tiny_tokenizer`.
+:mod:`train.tiny.t5_tokenizer`.
 """
 
 from __future__ import annotations
