@@ -216,7 +216,7 @@ def test_router_bnhd_layout_equals_the_transposed_call(cfg) -> None:
     q, k, v = (torch.randn(2, 80, 4, 16, generator=g, requires_grad=True) for _ in range(3))  # [B, N, H, D]
     results = []
     for layout in ("bhnd", "bnhd"):
-        router = AttentionRouter(cfg, geometry, model="wan")
+        router = AttentionRouter(cfg, geometry, radial_rule="wan")
         router.begin_step()
         args = (q, k, v) if layout == "bnhd" else (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = router(1, *args, layout=layout)
@@ -229,7 +229,7 @@ def test_router_bnhd_layout_equals_the_transposed_call(cfg) -> None:
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
     if cfg is RADIAL:
-        router = AttentionRouter(cfg, geometry, model="wan")
+        router = AttentionRouter(cfg, geometry, radial_rule="wan")
         assert router(1, q, k, v, layout="bnhd").is_contiguous()  # written in [B, N, H, D]
     with pytest.raises(ValueError, match="layout must be 'bhnd' or 'bnhd'"):
-        AttentionRouter(cfg, geometry, model="wan")(1, q, k, v, layout="nhd")
+        AttentionRouter(cfg, geometry, radial_rule="wan")(1, q, k, v, layout="nhd")

@@ -382,7 +382,7 @@ class DiffusersAdapter(ModelAdapter):
         model = unwrap(transformer)
         if not hasattr(model, self.transformer_marker):
             raise TypeError(f"expected a {self.transformer_class}, got {type(model).__name__}")
-        router = AttentionRouter(attention, geometry, model=self.router_model)
+        router = AttentionRouter(attention, geometry, radial_rule=self.router_model)
         for idx, attn in enumerate(self._routed_attentions(model)):
             set_processor(attn, self.router_processor(router, idx))
         set_step_hook(model, StepHook(router, self.geometry_from_latents))
