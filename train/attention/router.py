@@ -71,7 +71,7 @@ class AttentionRouter:
 
     # -- steps and modes -------------------------------------------------------------------------------
     def begin_step(self) -> None:
-        """Start a new transformer forward: new SVG2 routing, fresh density statistics."""
+        """Start a new transformer forward: a new step for the method (SVG2 routes afresh), fresh density statistics."""
         if self._current.dense_calls or self._current.sparse_calls:
             self._last = self._current
             self._current = _StepStats()
@@ -127,8 +127,8 @@ class AttentionRouter:
 
         ``key_padding_mask``: bool ``[B, N]``, True = valid key (padded text tokens are False).
         Returns ``[B, H, N, D]`` in q's dtype. ``layout="bnhd"``: q, k, v and the result are ``[B, N, H, D]``, as the
-        processors hold them before their transpose; the radial kernels then read and write that layout directly
-        (no transpose copy of the output), the other paths work on transposed views.
+        processors hold them before their transpose; a method with ``writes_bnhd`` (radial) then reads and writes that
+        layout directly (no transpose copy of the output), the other paths work on transposed views.
         """
         if layout not in ("bhnd", "bnhd"):
             raise ValueError(f"layout must be 'bhnd' or 'bnhd', got {layout!r}")
