@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.attention import AttentionRouter
+from train.attention import METHODS, AttentionRouter
 from train.config_schema import AttentionConfig
 from train.geometry import VideoGeometry
 
@@ -125,7 +125,7 @@ def test_token_count_mismatch_raises() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
     [
-        ("type", "flash", "expected one of dense, radial, svg2; got 'flash'"),
+        ("type", "flash", f"expected one of {', '.join(METHODS)}; got 'flash'"),  # the registry's names
         ("backend", "cuda", "expected one of auto, fa4, triton, torch; got 'cuda'"),
         ("block_size", 8, "expected an integer >= 16, got 8"),  # the kernels' bound, everywhere
         ("dense_layers", -1, "expected an integer >= 0, got -1"),
@@ -162,34 +162,42 @@ def test_bad_config_names_the_key_the_same_way_everywhere(field: str, value: obj
     assert str(cli_err.value) == str(router_err.value).replace(f"attention.{field}", flag, 1)
 
 
+#: Settings under which a method is exact (equals fp64 dense attention): radial with one block larger than the clip
+#: (an all-true mask), svg2 keeping every key cluster. A method not listed here is checked for shape and finiteness.
+EXACT = {"dense": {}, "radial": dict(block_size=GEOM.video_tokens + 16),
+         "svg2": dict(top_p=1.0, min_kc_ratio=1.0, num_q_clusters=4, num_k_clusters=4)}
+
+
 def test_methods_come_from_the_registry() -> None:
-    """attention.type's choices are the registry's; every registered method builds, and attends a tiny call on CPU
-    (backend torch) like fp64 dense attention where it is exact: radial with a one-block (all-true) mask, svg2
-    keeping every key cluster."""
-    from train.attention import METHODS, get_method
+    """attention.type's choices are the registry's; every registered method builds and attends a tiny call on CPU
+    (backend torch), like fp64 dense attention where it is exact."""
+    from train.attention import get_method
     from train.attention.methods.base import AttentionMethod
     from train.config import ConfigError, load_config
     from train.sample import parse_args
 
-    assert list(METHODS) == ["dense", "radial", "svg2"]
-    exact = {"radial": dict(block_size=GEOM.video_tokens + 16), "svg2": dict(top_p=1.0, min_kc_ratio=1.0,
-                                                                             num_q_clusters=4, num_k_clusters=4)}
+    assert {"dense", "radial", "svg2"} <= set(METHODS)
     q, k, v = _qkv(GEOM.video_tokens)
     for name in METHODS:
         cls = get_method(name)
         assert issubclass(cls, AttentionMethod) and cls.__module__ == f"train.attention.methods.{name}"
-        router = AttentionRouter(AttentionConfig(type=name, backend="torch", **exact.get(name, {})), GEOM,
-                                 radial_rule="wan")
+        cfg = AttentionConfig(type=name, backend="torch", **{"block_size": 16, **EXACT.get(name, {})})
+        router = AttentionRouter(cfg, GEOM, radial_rule="wan")
         assert isinstance(router.method, cls)
         router.begin_step()
-        torch.testing.assert_close(router(1, q, k, v).double(), _reference(q, k, v), atol=1e-5, rtol=1e-5)
-        assert router.density() == 1.0
+        out = router(1, q, k, v)
+        assert out.shape == q.shape and out.dtype == q.dtype and bool(out.isfinite().all())
+        assert 0.0 < router.density() <= 1.0
+        if name in EXACT:
+            torch.testing.assert_close(out.double(), _reference(q, k, v), atol=1e-5, rtol=1e-5)
+            assert router.density() == 1.0
         assert load_config(None, ["model.pretrained=m", "data.path=d", f"attention.type={name}"]).attention.type == name
         assert parse_args(["--model", "m", "--prompt", "p", "--attention", name]).attention.type == name
-    with pytest.raises(ConfigError, match=r"attention.type: expected one of dense, radial, svg2; got 'radail' "
-                                          r"\(str\); did you mean 'radial'\?"):
+    choices = ", ".join(METHODS)
+    with pytest.raises(ConfigError) as err:
         load_config(None, ["model.pretrained=m", "data.path=d", "attention.type=radail"])
-    with pytest.raises(ValueError, match="attention.type: expected one of dense, radial, svg2"):
+    assert str(err.value) == f"attention.type: expected one of {choices}; got 'radail' (str); did you mean 'radial'?"
+    with pytest.raises(ValueError, match=f"attention.type: expected one of {choices}; got 'flash'"):
         get_method("flash")
 
 

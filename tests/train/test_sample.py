@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from train import sampling
+from train.attention import METHODS
 from train.config_schema import AttentionConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,7 +145,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, l
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--attention", "flash"], "error: --attention: expected one of dense, radial, svg2; got 'flash'"),
+        (["--attention", "flash"], f"error: --attention: expected one of {', '.join(METHODS)}; got 'flash'"),
         (["--block-size", "8"], "error: --block-size: expected an integer >= 16, got 8"),
         (["--top-p", "1.5"], "error: --top-p: expected a value in (0, 1], got 1.5"),
         (["--kmeans-iters", "0"], "error: --kmeans-iters: expected null or an integer >= 1, got 0"),
