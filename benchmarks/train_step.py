@@ -209,29 +209,34 @@ def flex_trainer_class() -> type:
 
 
 def use_flex(router: Any) -> None:
-    """The router's radial call through ``torch.compile(flex_attention)`` (the FlexAttention baseline)."""
+    """The router's radial calls through ``torch.compile(flex_attention)`` (the FlexAttention baseline): its radial
+    method replaced by one that sends the same block mask to FlexAttention."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+    from train.attention.methods.radial import RadialAttention
+
     compiled = torch.compile(flex_attention, dynamic=False)
-    masks: dict = {}
 
-    def radial(q, k, v, text_tokens, key_padding_mask, bnhd=False):  # noqa: ANN001 - the router's _radial signature
-        mask, density = router._mask_and_density(text_tokens, q.device)
-        n = q.shape[2]
-        key = (mask.data_ptr(), n)
-        if key not in masks:
-            counts = mask.sum(-1, dtype=torch.int32)
-            order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-            zeros = torch.zeros_like(counts)
-            masks[key] = BlockMask.from_kv_blocks(zeros[None, None], order[None, None], counts[None, None],
-                                                  order[None, None], BLOCK_SIZE=router.cfg.block_size,
-                                                  seq_lengths=(n, n))
-        router._current.sparse_calls += 1
-        router._current.densities.append(density)
-        out = compiled(q, k, v, block_mask=masks[key])  # [B, H, N, D] views in and out
-        return out.transpose(1, 2) if bnhd else out
+    class FlexRadial(RadialAttention):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._block_masks: dict = {}
 
-    router._radial = radial
+        def attend(self, q, k, v, call):  # noqa: ANN001 - AttentionMethod.attend
+            mask, density = self.mask_and_density(call.geometry, call.text_tokens, q.device)
+            n = q.shape[2]
+            key = (mask.data_ptr(), n)
+            if key not in self._block_masks:
+                counts = mask.sum(-1, dtype=torch.int32)
+                order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+                zeros = torch.zeros_like(counts)
+                self._block_masks[key] = BlockMask.from_kv_blocks(
+                    zeros[None, None], order[None, None], counts[None, None], order[None, None],
+                    BLOCK_SIZE=self.cfg.block_size, seq_lengths=(n, n))
+            out = compiled(q, k, v, block_mask=self._block_masks[key])  # [B, H, N, D] views in and out
+            return (out.transpose(1, 2) if call.bnhd else out), density
+
+    router.method = FlexRadial(router.cfg, radial_rule=router.radial_rule)
 
 
 @contextmanager

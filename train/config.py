@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from train.attention.check import check_attention_config
 from train.config_schema import RecipeConfig
 
 
@@ -186,6 +187,10 @@ def _suggest(word: str, options: list[str], prefix: str) -> str:
 
 
 def _check_required(cfg: RecipeConfig) -> None:
+    try:
+        check_attention_config(cfg.attention)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if not cfg.model.pretrained:
         raise ConfigError("missing required value model.pretrained (a Hub id or a local diffusers folder)")
     if not cfg.data.path:
@@ -201,7 +206,6 @@ def _check_required(cfg: RecipeConfig) -> None:
         "data.height": cfg.data.height,
         "data.width": cfg.data.width,
         "lora.rank": cfg.lora.rank,
-        "attention.block_size": cfg.attention.block_size,
         "parallel.sequence_parallel_size": cfg.parallel.sequence_parallel_size,
     }
     for key, value in positive.items():
@@ -210,12 +214,6 @@ def _check_required(cfg: RecipeConfig) -> None:
     for key, value in (("train.learning_rate", cfg.train.learning_rate), ("train.max_grad_norm", cfg.train.max_grad_norm)):
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{key}: expected a positive finite number, got {value}")
-    if not 0 < cfg.attention.top_p <= 1:
-        raise ConfigError(f"attention.top_p: expected a value in (0, 1], got {cfg.attention.top_p}")
-    if not 0 <= cfg.attention.min_kc_ratio <= 1:
-        raise ConfigError(f"attention.min_kc_ratio: expected a value in [0, 1], got {cfg.attention.min_kc_ratio}")
-    if cfg.attention.decay_factor <= 0:
-        raise ConfigError(f"attention.decay_factor: expected a positive number, got {cfg.attention.decay_factor}")
     if cfg.data.fps <= 0:
         raise ConfigError(f"data.fps: expected a positive number, got {cfg.data.fps}")
     for i, bucket in enumerate(cfg.data.buckets):

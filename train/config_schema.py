@@ -24,19 +24,26 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    type: Literal["dense", "radial", "svg2"] = "radial"
-    backend: Literal["auto", "fa4", "triton", "torch"] = "auto"
-    block_size: int = 128
-    dense_layers: int = 0  # the first N transformer blocks keep dense attention
+    """Checked by ``train.attention.check.check_attention_config`` (recipes, the sampler and the router).
+
+    ``train/sample.py`` turns every field into a flag (``--attention`` for ``type``, ``--block-size`` ...) with the
+    ``help`` text given here."""
+
+    type: str = field(default="radial", metadata={"help": "a name of train.attention.methods.METHODS"})
+    backend: Literal["auto", "fa4", "triton", "torch"] = field(default="auto", metadata={"help": "auto | fa4 | triton | torch"})
+    block_size: int = field(default=128, metadata={"help": "attention block size (>= 16, what the block-sparse kernels accept)"})
+    dense_layers: int = field(default=0, metadata={"help": "the first N transformer blocks keep dense attention"})
     # radial
-    decay_factor: float = 1.0
-    attention_sink: Optional[bool] = None  # None: the family's default (Wan on, others off)
+    decay_factor: float = field(default=1.0, metadata={"help": "radial attention decay factor"})
+    attention_sink: Optional[bool] = field(
+        default=None, metadata={"help": "radial: keep the first frame visible (default: the family's, Wan on, others off)"})
     # svg2
-    num_q_clusters: int = 100
-    num_k_clusters: int = 500
-    top_p: float = 0.9
-    min_kc_ratio: float = 0.1
-    kmeans_iters: Optional[int] = None
+    num_q_clusters: int = field(default=100, metadata={"help": "svg2: query clusters"})
+    num_k_clusters: int = field(default=500, metadata={"help": "svg2: key clusters"})
+    top_p: float = field(default=0.9, metadata={"help": "svg2: attention mass kept per query cluster"})
+    min_kc_ratio: float = field(default=0.1, metadata={"help": "svg2: minimum fraction of key clusters kept"})
+    kmeans_iters: Optional[int] = field(
+        default=None, metadata={"help": "svg2: k-means iterations per call (default: 50 from scratch, 2 warm-started)"})
 
 
 @dataclass

@@ -117,7 +117,7 @@ def model_card(ckpt: Checkpoint, files: Mapping[str, bool], repo_id: Optional[st
                  f" --top-p {att.get('top_p')} --min-kc-ratio {att.get('min_kc_ratio')}")
     else:
         extra = ""
-    py_att = f'attention="{att_type}", block_size={att.get("block_size")}, dense_layers={att.get("dense_layers", 0)}'
+    py_att = f'type="{att_type}", block_size={att.get("block_size")}, dense_layers={att.get("dense_layers", 0)}'
     if att_type == "radial":
         py_att += f", decay_factor={att.get('decay_factor')}"
     elif att_type == "svg2":
@@ -128,8 +128,8 @@ def model_card(ckpt: Checkpoint, files: Mapping[str, bool], repo_id: Optional[st
               "```", "",
               "`--dense-steps N` keeps the first N denoising steps dense (as the Radial Attention paper does at inference); "
               "the sampler prints the time per step and the attention density. From Python:", "",
-              "```python", "from train.sampling import SampleOptions, generate", "",
+              "```python", "from train.sampling import AttentionConfig, SampleOptions, generate", "",
               f'generate(SampleOptions(model="{base}"{weights_kw}, prompt="...", frames={frames}, height={height}, width={width},',
-              f'                       {py_att}, out="video.mp4"))',
+              f'                       attention=AttentionConfig({py_att}), out="video.mp4"))',
               "```", ""]
     return "\n".join(lines)

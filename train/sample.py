@@ -19,18 +19,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def _bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in {"1", "true", "yes", "on"}:
-        return True
-    if low in {"0", "false", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def parse_args(argv: list[str] | None = None):
+    from train.attention.flags import add_attention_flags, attention_from_args, parse_bool
     from train.models import FAMILIES
-    from train.sampling import ATTENTION_TYPES, SampleOptions
+    from train.sampling import SampleOptions
 
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hub id or local diffusers pipeline folder")
@@ -46,32 +38,20 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--fps", type=float, default=None, help="frame rate of the mp4 (default: the family's)")
-    p.add_argument("--attention", default="radial", help=" | ".join(ATTENTION_TYPES))
+    add_attention_flags(p)  # --attention, --block-size, --dense-layers, ... : one per AttentionConfig field
     p.add_argument("--dense-steps", type=int, default=0, help="first N denoising steps use dense attention")
-    p.add_argument("--dense-layers", type=int, default=0, help="first M transformer blocks use dense attention")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--decay-factor", type=float, default=1.0, help="radial attention decay factor")
-    p.add_argument("--attention-sink", type=_bool, default=None, help="radial: keep the first frame visible (default: family's)")
-    p.add_argument("--num-q-clusters", type=int, default=100, help="svg2: query clusters")
-    p.add_argument("--num-k-clusters", type=int, default=500, help="svg2: key clusters")
-    p.add_argument("--top-p", type=float, default=0.9, help="svg2: attention mass kept per query cluster")
-    p.add_argument("--min-kc-ratio", type=float, default=0.1, help="svg2: minimum fraction of key clusters kept")
-    p.add_argument("--backend", default="auto", help="auto | triton | torch")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--vae-tiling", type=_bool, default=None, help="decode in tiles (default: on for CUDA)")
+    p.add_argument("--vae-tiling", type=parse_bool, default=None, help="decode in tiles (default: on for CUDA)")
     p.add_argument("--cpu-offload", action="store_true", help="diffusers model CPU offload (big models, one GPU)")
     a = p.parse_args(argv)
     return SampleOptions(
         model=a.model, prompt=a.prompt, out=a.out, lora=a.lora, lora_scale=a.lora_scale, transformer=a.transformer,
         family=a.family, revision=a.revision, negative_prompt=a.negative_prompt, frames=a.frames, height=a.height,
-        width=a.width, fps=a.fps, attention=a.attention, dense_steps=a.dense_steps, dense_layers=a.dense_layers,
-        block_size=a.block_size, decay_factor=a.decay_factor, attention_sink=a.attention_sink,
-        num_q_clusters=a.num_q_clusters, num_k_clusters=a.num_k_clusters, top_p=a.top_p, min_kc_ratio=a.min_kc_ratio,
-        backend=a.backend,
+        width=a.width, fps=a.fps, attention=attention_from_args(a), dense_steps=a.dense_steps,
         steps=a.steps, guidance_scale=a.guidance_scale, seed=a.seed, dtype=a.dtype, device=a.device,
         vae_tiling=a.vae_tiling, cpu_offload=a.cpu_offload,
     )

@@ -3,7 +3,8 @@
 As in the Radial Attention paper's inference, the first ``dense_steps`` denoising steps and the first
 ``dense_layers`` transformer blocks keep dense attention; the rest use the trained sparse pattern. The dense
 steps are switched through the pipeline's ``callback_on_step_end`` extension point and the router's
-``force_dense`` switch; the dense layers through ``AttentionConfig.dense_layers``.
+``force_dense`` switch; the dense layers through ``AttentionConfig.dense_layers``. The attention settings are a
+recipe's ``AttentionConfig`` (``SampleOptions.attention``), checked by the same function as a recipe's.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from train.attention.check import check_attention_config
+from train.attention.flags import attention_flag
+from train.config_schema import AttentionConfig
 from train.errors import UserError
 from train.exporting import DTYPES, LORA_FILE
 from train.models import FAMILIES, get_adapter, pipeline_families
 
-ATTENTION_TYPES = ("radial", "svg2", "dense")
 
 
 @dataclass
@@ -43,17 +46,8 @@ class SampleOptions:
     height: int = 480
     width: int = 832
     fps: Optional[float] = None  # None: the family's native rate
-    attention: str = "radial"
-    dense_steps: int = 0
-    dense_layers: int = 0
-    block_size: int = 128
-    decay_factor: float = 1.0
-    attention_sink: Optional[bool] = None
-    num_q_clusters: int = 100  # svg2
-    num_k_clusters: int = 500
-    top_p: float = 0.9
-    min_kc_ratio: float = 0.1
-    backend: str = "auto"
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # a recipe's attention: section
+    dense_steps: int = 0  # the first N denoising steps run dense (dense_layers: attention.dense_layers)
     steps: int = 50
     guidance_scale: Optional[float] = None  # None: the pipeline's default
     seed: int = 0
@@ -89,26 +83,13 @@ class SampleResult:
 
 
 def check_options(opts: SampleOptions) -> None:
-    if opts.attention not in ATTENTION_TYPES:
-        raise ValueError(f"--attention: expected one of {', '.join(ATTENTION_TYPES)}; got {opts.attention!r}")
-    for name in ("frames", "height", "width", "steps", "block_size"):
+    check_attention_config(opts.attention, attention_flag)
+    for name in ("frames", "height", "width", "steps"):
         value = getattr(opts, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value!r}")
-    for name in ("dense_steps", "dense_layers"):
-        value = getattr(opts, name)
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")
-    for name in ("num_q_clusters", "num_k_clusters"):
-        value = getattr(opts, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value!r}")
-    if not 0 < opts.top_p <= 1:
-        raise ValueError(f"--top-p: expected a value in (0, 1], got {opts.top_p}")
-    if not 0 <= opts.min_kc_ratio <= 1:
-        raise ValueError(f"--min-kc-ratio: expected a value in [0, 1], got {opts.min_kc_ratio}")
-    if opts.decay_factor <= 0:
-        raise ValueError(f"--decay-factor: expected a positive number, got {opts.decay_factor}")
+    if not isinstance(opts.dense_steps, int) or opts.dense_steps < 0:
+        raise ValueError(f"--dense-steps: expected an integer >= 0, got {opts.dense_steps!r}")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}; got {opts.dtype!r}")
     if opts.family is not None and opts.family not in FAMILIES:
@@ -193,23 +174,6 @@ def load_transformer_override(family: str, path: str, dtype: torch.dtype) -> tor
     cls = getattr(diffusers, get_adapter(family).transformer_class)
     sub = "transformer" if (Path(path) / "transformer" / "config.json").is_file() or not _looks_local(path) else None
     return cls.from_pretrained(path, subfolder=sub, dtype=dtype)
-
-
-def attention_config(opts: SampleOptions) -> Any:
-    from train.config_schema import AttentionConfig
-
-    return AttentionConfig(
-        type=opts.attention,  # type: ignore[arg-type]
-        backend=opts.backend,  # type: ignore[arg-type]
-        block_size=opts.block_size,
-        dense_layers=opts.dense_layers,
-        decay_factor=float(opts.decay_factor),
-        attention_sink=opts.attention_sink,
-        num_q_clusters=opts.num_q_clusters,
-        num_k_clusters=opts.num_k_clusters,
-        top_p=float(opts.top_p),
-        min_kc_ratio=float(opts.min_kc_ratio),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,7 +409,7 @@ def generate(opts: SampleOptions, log: Callable[[str], None] = print) -> SampleR
     adapter = get_adapter(family)(opts.model, opts.revision, dtype)
     geometry = adapter.geometry(opts.frames, opts.height, opts.width)  # bad sizes fail before any weights load
     pipe = load_sampling_pipeline(opts, adapter, device, dtype, log)
-    router = adapter.install_attention(pipe.transformer, attention_config(opts), geometry)
+    router = adapter.install_attention(pipe.transformer, opts.attention, geometry)
     clock = _StepClock(router, opts.dense_steps, device, log, opts.steps)
     hook = pipe.transformer.register_forward_pre_hook(clock.pre_forward)
     kwargs: dict[str, Any] = dict(
@@ -465,8 +429,8 @@ def generate(opts: SampleOptions, log: Callable[[str], None] = print) -> SampleR
     text_length = text_length_for(adapter, pipe)
     if text_length is not None:
         kwargs["max_sequence_length"] = text_length
-    log(f"{family}: {opts.frames} frames {opts.height}x{opts.width}, {opts.steps} steps, {opts.attention} attention "
-        f"(first {opts.dense_steps} steps and {opts.dense_layers} layers dense) on {device}")
+    log(f"{family}: {opts.frames} frames {opts.height}x{opts.width}, {opts.steps} steps, {opts.attention.type} attention "
+        f"(first {opts.dense_steps} steps and {opts.attention.dense_layers} layers dense) on {device}")
     start = time.perf_counter()
     try:
         output = pipe(**kwargs)

@@ -1,4 +1,5 @@
-"""AttentionRouter: dense / radial / svg2 routing against fp64 references, checks, step bookkeeping."""
+"""AttentionRouter and its methods: dense / radial / svg2 against fp64 references, the registry, the one config
+check, step bookkeeping and the checkpointed state."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.attention import AttentionRouter
+from train.attention import METHODS, AttentionRouter
 from train.config_schema import AttentionConfig
 from train.geometry import VideoGeometry
 
@@ -56,7 +57,7 @@ def test_radial_all_true_mask_equals_dense_with_grads() -> None:
     # so the single block is True. (block_size == N would not do: the 1/3-0.6 quantisation drops it.)
     n = GEOM.video_tokens
     router = AttentionRouter(AttentionConfig(type="radial", block_size=n + 16, backend="torch"), GEOM, radial_rule="wan")
-    assert bool(router.radial_mask().all()) and router.radial_mask().shape == (1, 1)
+    assert bool(router.method.mask(GEOM).all()) and router.method.mask(GEOM).shape == (1, 1)
     q, k, v = _qkv(n, grad=True)
     out = router(0, q, k, v)
     ref = _reference(q, k, v)
@@ -76,7 +77,7 @@ def test_radial_uses_the_radial_mask_and_reports_its_density() -> None:
     cfg = AttentionConfig(type="radial", block_size=bs, dense_layers=1, backend="torch")
     router = AttentionRouter(cfg, GEOM, radial_rule="wan")
     want = radial_block_mask(GEOM.latent_frames, GEOM.tokens_per_frame, block_size=bs, model="wan")
-    assert torch.equal(router.radial_mask(), want)
+    assert torch.equal(router.method.mask(GEOM), want)
     assert not bool(want.all())  # a real sparse mask, so the comparison below can fail
     q, k, v = _qkv(GEOM.video_tokens)
     router.begin_step()
@@ -102,7 +103,7 @@ def test_radial_text_tokens_and_key_padding() -> None:
     pad = torch.ones(2, n, dtype=torch.bool)
     pad[0, -5:] = False
     out = router(0, q, k, v, text_tokens=text, key_padding_mask=pad)
-    mask = router.radial_mask(text_tokens=text)
+    mask = router.method.mask(GEOM, text_tokens=text)
     assert mask.shape == (math.ceil(n / bs),) * 2 and bool(mask[-1].all()) and bool(mask[:, -1].all())
     token_mask = _expand(mask, n, bs)[None, None] & pad[:, None, None, :]
     torch.testing.assert_close(out.double(), _reference(q, k, v, token_mask), atol=1e-5, rtol=1e-5)
@@ -122,26 +123,112 @@ def test_token_count_mismatch_raises() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "pattern"),
+    ("field", "value", "expected"),
     [
-        ("type", "flash", "attention.type"),
-        ("block_size", 8, "attention.block_size"),
-        ("dense_layers", -1, "attention.dense_layers"),
-        ("decay_factor", 0.0, "attention.decay_factor"),
-        ("top_p", 0.0, "attention.top_p"),
-        ("num_k_clusters", 0, "attention.num_k_clusters"),
-        ("min_kc_ratio", 1.5, "attention.min_kc_ratio"),
+        ("type", "flash", f"expected one of {', '.join(METHODS)}; got 'flash'"),  # the registry's names
+        ("backend", "cuda", "expected one of auto, fa4, triton, torch; got 'cuda'"),
+        ("block_size", 8, "expected an integer >= 16, got 8"),  # the kernels' bound, everywhere
+        ("dense_layers", -1, "expected an integer >= 0, got -1"),
+        ("decay_factor", 0.0, "expected a positive finite number, got 0.0"),
+        ("decay_factor", math.inf, "expected a positive finite number, got inf"),
+        ("attention_sink", "yes", "expected true, false or null, got 'yes'"),
+        ("top_p", 0.0, "expected a value in (0, 1], got 0.0"),
+        ("num_k_clusters", 0, "expected a positive integer, got 0"),
+        ("min_kc_ratio", 1.5, "expected a value in [0, 1], got 1.5"),
+        ("kmeans_iters", 0, "expected null or an integer >= 1, got 0"),  # svg2_attention runs at least one
     ],
 )
-def test_bad_config_names_the_key(field: str, value: object, pattern: str) -> None:
-    cfg = AttentionConfig()
+def test_bad_config_names_the_key_the_same_way_everywhere(field: str, value: object, expected: str) -> None:
+    """One check: the router, a recipe and the sampler's options give one message, naming the key as each user
+    wrote it (every method's keys are checked whatever attention.type is)."""
+    from train.config import ConfigError, load_config
+    from train.sampling import SampleOptions, check_options
+
+    cfg = AttentionConfig(type="dense")
     setattr(cfg, field, value)
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(ValueError) as router_err:
         AttentionRouter(cfg, GEOM, radial_rule="wan")
+    assert str(router_err.value).startswith(f"attention.{field}: {expected}")
+    override = f"attention.{field}={'.inf' if value == math.inf else value}"
+    with pytest.raises(ConfigError) as recipe_err:
+        load_config(None, ["model.pretrained=m", "data.path=d", "attention.type=dense", override])
+    if field in ("backend", "attention_sink"):  # the schema's type (Literal, bool) already refuses it on loading
+        assert str(recipe_err.value).startswith(f"attention.{field}: expected ")
+    else:
+        assert str(recipe_err.value) == str(router_err.value)
+    flag = "--attention" if field == "type" else "--" + field.replace("_", "-")
+    with pytest.raises(ValueError) as cli_err:
+        check_options(SampleOptions(model="org/m", prompt="x", attention=cfg))
+    assert str(cli_err.value) == str(router_err.value).replace(f"attention.{field}", flag, 1)
+
+
+#: Settings under which a method is exact (equals fp64 dense attention): radial with one block larger than the clip
+#: (an all-true mask), svg2 keeping every key cluster. A method not listed here is checked for shape and finiteness.
+EXACT = {"dense": {}, "radial": dict(block_size=GEOM.video_tokens + 16),
+         "svg2": dict(top_p=1.0, min_kc_ratio=1.0, num_q_clusters=4, num_k_clusters=4)}
+
+
+def test_methods_come_from_the_registry() -> None:
+    """attention.type's choices are the registry's; every registered method builds and attends a tiny call on CPU
+    (backend torch), like fp64 dense attention where it is exact."""
+    from train.attention import get_method
+    from train.attention.methods.base import AttentionMethod
+    from train.config import ConfigError, load_config
+    from train.sample import parse_args
+
+    assert {"dense", "radial", "svg2"} <= set(METHODS)
+    q, k, v = _qkv(GEOM.video_tokens)
+    for name in METHODS:
+        cls = get_method(name)
+        assert issubclass(cls, AttentionMethod) and cls.__module__ == f"train.attention.methods.{name}"
+        cfg = AttentionConfig(type=name, backend="torch", **{"block_size": 16, **EXACT.get(name, {})})
+        router = AttentionRouter(cfg, GEOM, radial_rule="wan")
+        assert isinstance(router.method, cls)
+        router.begin_step()
+        out = router(1, q, k, v)
+        assert out.shape == q.shape and out.dtype == q.dtype and bool(out.isfinite().all())
+        assert 0.0 < router.density() <= 1.0
+        if name in EXACT:
+            torch.testing.assert_close(out.double(), _reference(q, k, v), atol=1e-5, rtol=1e-5)
+            assert router.density() == 1.0
+        assert load_config(None, ["model.pretrained=m", "data.path=d", f"attention.type={name}"]).attention.type == name
+        assert parse_args(["--model", "m", "--prompt", "p", "--attention", name]).attention.type == name
+    choices = ", ".join(METHODS)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.pretrained=m", "data.path=d", "attention.type=radail"])
+    assert str(err.value) == f"attention.type: expected one of {choices}; got 'radail' (str); did you mean 'radial'?"
+    with pytest.raises(ValueError, match=f"attention.type: expected one of {choices}; got 'flash'"):
+        get_method("flash")
+
+
+def test_router_state_dict_keeps_its_format() -> None:
+    """The router's checkpointed state is {"step", "svg2"} for every method (checkpoints of earlier runs resume);
+    svg2's warm-start centroids survive a round trip into a fresh router."""
+    q, k, v = _qkv(GEOM.video_tokens, b=1)
+    radial = AttentionRouter(AttentionConfig(type="radial", block_size=16, backend="torch"), GEOM, radial_rule="wan")
+    radial.begin_step()
+    radial(1, q, k, v)
+    assert radial.state_dict() == {"step": 1, "svg2": {}}
+    cfg = AttentionConfig(type="svg2", num_q_clusters=4, num_k_clusters=4, kmeans_iters=1, backend="torch")
+    router = AttentionRouter(cfg, GEOM, radial_rule="wan")
+    for _ in range(2):
+        router.begin_step()
+        router(3, q, k, v)
+    state = router.state_dict()
+    assert state["step"] == 2 and list(state["svg2"]) == ["3"]
+    saved = state["svg2"]["3"]
+    assert set(saved) == {"q_centroids", "k_centroids", "calls", "shape", "device_type"}
+    assert saved["shape"] == list(q.shape) and saved["device_type"] == "cpu"
+    resumed = AttentionRouter(cfg, GEOM, radial_rule="wan")
+    resumed.load_state_dict(state)
+    assert resumed.step == 2
+    router.begin_step()
+    resumed.begin_step()
+    assert torch.equal(router(3, q, k, v), resumed(3, q, k, v))  # both warm-start from the same centroids
 
 
 def test_bad_model_and_inputs() -> None:
-    with pytest.raises(ValueError, match="radial_rule must be one of"):
+    with pytest.raises(ValueError, match="radial_rule must be one of"):  # sparse_attn.radial's rule names
         AttentionRouter(AttentionConfig(), GEOM, radial_rule="sora")
     router = AttentionRouter(AttentionConfig(type="dense"), GEOM, radial_rule="wan")
     q, k, v = _qkv(GEOM.video_tokens)
@@ -160,14 +247,14 @@ def test_svg2_routing_is_replayed_within_a_step() -> None:
     q, k, v = _qkv(GEOM.video_tokens, b=1)
     router.begin_step()
     first = router(0, q, k, v)
-    state = router.svg2_state(0)
+    state = router.method.state(0)
     assert 0.0 < router.density() < 1.0 and router.density() == pytest.approx(state.density)
     again = router(0, q, k, v)  # what gradient checkpointing does during backward
     assert torch.equal(first, again)
-    assert router.svg2_state(0) is state
+    assert router.method.state(0) is state
     router.begin_step()  # next step: warm start from `state` -> different routing on the same inputs
     later = router(0, q, k, v)
-    assert router.svg2_state(0) is not state
+    assert router.method.state(0) is not state
     assert not torch.equal(first, later)
 
 

@@ -380,7 +380,7 @@ def test_model_card_and_training_config(wan: Case, tmp_path: Path) -> None:
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)  # type: ignore[union-attr]
     o = cli.parse_args(shlex.split(line)[2:])
-    assert (o.model, o.lora, o.attention, o.decay_factor, o.dense_layers, o.block_size) == (
+    assert (o.model, o.lora, o.attention.type, o.attention.decay_factor, o.attention.dense_layers, o.attention.block_size) == (
         wan.tiny, str(tmp_path / "out"), "radial", 0.9, 1, 64)
     assert (o.frames, o.height, o.width) == (wan.geometry.frames, 32, 32)
     assert (tmp_path / "out" / "training_config.yaml").read_text() == (wan.run / "config.yaml").read_text()

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from train import sampling
+from train.attention import METHODS
+from train.config_schema import AttentionConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,9 +31,10 @@ def decode(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def opts(model: str, out: Path, **kw) -> sampling.SampleOptions:
+def opts(model: str, out: Path, *, attention: str = "radial", dense_layers: int = 0, **kw) -> sampling.SampleOptions:
     base = dict(model=model, prompt="a red fox running through snow", out=str(out), frames=17, height=64, width=64,
-                attention="radial", block_size=16, steps=3, guidance_scale=3.0, seed=0)
+                attention=AttentionConfig(type=attention, block_size=16, dense_layers=dense_layers), steps=3,
+                guidance_scale=3.0, seed=0)
     base.update(kw)
     return sampling.SampleOptions(**base)
 
@@ -142,7 +145,11 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, l
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--attention", "flash"], "error: --attention: expected one of radial, svg2, dense; got 'flash'"),
+        (["--attention", "flash"], f"error: --attention: expected one of {', '.join(METHODS)}; got 'flash'"),
+        (["--block-size", "8"], "error: --block-size: expected an integer >= 16, got 8"),
+        (["--top-p", "1.5"], "error: --top-p: expected a value in (0, 1], got 1.5"),
+        (["--kmeans-iters", "0"], "error: --kmeans-iters: expected null or an integer >= 1, got 0"),
+        (["--attention-sink", "maybe"], "error: argument --attention-sink: expected true or false, got 'maybe'"),
         (["--frames", "0"], "error: --frames: expected a positive integer, got 0"),
         (["--dtype", "int8"], "error: --dtype: expected one of bf16, fp16, fp32; got 'int8'"),
         (["--out", "v.gif"], "error: --out: expected a .mp4 path"),
@@ -157,6 +164,25 @@ def test_cli_bad_arguments(tiny_wan: str, tmp_path: Path, capsys: pytest.Capture
     assert code == 2
     assert len(err) == 1 and err[0].startswith(message), err
     assert not out.exists()
+
+
+def test_cli_attention_flags_are_the_recipe_keys() -> None:
+    """Every AttentionConfig field is a flag of sample.py (--attention for type) with the schema's default, and the
+    parsed flags are the sampler's AttentionConfig."""
+    import dataclasses
+
+    from train.attention.flags import attention_flag
+    from train.sample import parse_args
+
+    base = ["--model", "m", "--prompt", "p"]
+    assert parse_args(base).attention == AttentionConfig()
+    values = {"type": "svg2", "backend": "torch", "block_size": 64, "dense_layers": 2, "decay_factor": 0.5,
+              "attention_sink": True, "num_q_clusters": 7, "num_k_clusters": 9, "top_p": 0.5, "min_kc_ratio": 0.25,
+              "kmeans_iters": 3}
+    assert set(values) == {f.name for f in dataclasses.fields(AttentionConfig)}
+    argv = [x for name, value in values.items() for x in (attention_flag(name), str(value).lower())]
+    assert parse_args(base + argv + ["--dense-steps", "4"]).attention == AttentionConfig(**values)
+    assert attention_flag("type") == "--attention" and attention_flag("min_kc_ratio") == "--min-kc-ratio"
 
 
 def test_cli_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
