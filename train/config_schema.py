@@ -36,7 +36,7 @@ class AttentionConfig:
     # radial
     decay_factor: float = field(default=1.0, metadata={"help": "radial attention decay factor"})
     attention_sink: Optional[bool] = field(
-        default=None, metadata={"help": "radial: keep the first frame visible (default: the family's, Wan on, others off)"})
+        default=None, metadata={"help": "radial: keep the first frame visible (default: the family's rule)"})
     # svg2
     num_q_clusters: int = field(default=100, metadata={"help": "svg2: query clusters"})
     num_k_clusters: int = field(default=500, metadata={"help": "svg2: key clusters"})
