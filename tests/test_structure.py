@@ -21,8 +21,6 @@ PACKAGES = ("train", "data", "sparse_attn")
 SCRIPTS = {"train.finetune", "train.export", "train.sample", "train.precompute"}
 # Cycles closed only by function-level imports: (module, module) -> why it is still there.
 LAZY_CYCLES_ALLOWED = {
-    frozenset({"train.exporting", "train.model_card"}): "the family class names still live in exporting (issue 14, "
-    "family adapters); the checkpoint format and file names moved to train.checkpointing already",
     frozenset({"sparse_attn.ops", "sparse_attn.kernels.range_attention"}): "the kernel module registers its custom "
     "op on first use",
 }
