@@ -511,7 +511,7 @@ def run_svg2(shape_names, device, impl_names) -> list[dict]:
                 if tiles is None:
                     fn = lambda: svg2_mod.blocks_attention(qp, kp, vp, plan.blocks, backend="fa4")  # noqa: E731
                 else:
-                    from sparse_attn.kernels.range_attention import range_attention
+                    from sparse_attn.ops import range_attention
 
                     fn = lambda: range_attention(qp, kp, vp, plan.layout)  # noqa: E731
                 _timed_row(rec, fn, plan.state.density, dense_flops, do, (qp, kp, vp))

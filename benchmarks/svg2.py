@@ -271,7 +271,7 @@ def run_config(args, frames: int, device: torch.device, dtype: torch.dtype, mods
             def attn(a, b, c, p):
                 return blocks_attention(a, b, c, p.blocks, backend="fa4")
         elif resolved == "triton":
-            from sparse_attn.kernels.range_attention import range_attention
+            from sparse_attn.ops import range_attention
 
             def attn(a, b, c, p):
                 return range_attention(a, b, c, p.layout)

@@ -21,12 +21,16 @@ gradients are allocated contiguous in that same layout, so callers holding ``[B,
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["CHECKPOINT_SAVE_OPS", "block_sparse_fwd", "block_sparse_bwd", "range_attn_fwd", "range_attn_bwd", "LAYOUTS"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .kernels.range_attention import RangeLayout
+
+__all__ = ["CHECKPOINT_SAVE_OPS", "block_sparse_fwd", "block_sparse_bwd", "range_attn_fwd", "range_attn_bwd", "range_attention", "LAYOUTS"]
 
 LAYOUTS = ("bhnd", "bnhd")
 
@@ -286,3 +290,19 @@ range_attn_fwd.register_autograd(_range_backward, setup_context=_range_setup_con
 #: so that the recompute pass of ``torch.utils.checkpoint`` does not run attention a second time: the block-sparse
 #: forward (radial; SVG2 on FA4) and SVG2's range-kernel forward.
 CHECKPOINT_SAVE_OPS: tuple = (torch.ops.sparse_attn.block_sparse_fwd.default, torch.ops.sparse_attn.range_attn_fwd.default)
+
+
+def range_attention(q: Tensor, k: Tensor, v: Tensor, layout: "RangeLayout", *, scale: float | None = None) -> Tensor:
+    """Attention of ``q, k, v [B, H, N, D]`` (already permuted) restricted to ``layout``; differentiable.
+
+    Rows that attend no key get zeros (and zero gradients).  ``scale`` defaults to 1/sqrt(D).
+    """
+    from .kernels.range_attention import check_inputs
+
+    check_inputs(q, k, v, layout)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    tensors = [getattr(layout, f) for f in RANGE_TENSOR_FIELDS]
+    ints = [int(getattr(layout, f)) for f in RANGE_INT_FIELDS]
+    out, _ = range_attn_fwd(q, k, v, tensors, ints, float(scale))  # custom op: checkpoint policies see it
+    return out

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from . import ops
 from .backends import fa4
 from .interpreter import interpreting
-from .kernels.range_attention import SUPPORTED_HEAD_DIMS, RangeLayout, build_range_layout, range_attention
+from .kernels.range_attention import SUPPORTED_HEAD_DIMS, RangeLayout, build_range_layout
+from .ops import range_attention
 from .kmeans import KMeansResult, batched_kmeans
 from .svg2_blocks import GroupBlocks, group_blocks
 

@@ -24,7 +24,6 @@ The interpreter (``TRITON_INTERPRET=1``) runs the same kernels on CPU for tests.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from ..interpreter import interpreting
 
-__all__ = ["RangeLayout", "build_range_layout", "range_attention", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["RangeLayout", "build_range_layout", "SUPPORTED_HEAD_DIMS"]  # the differentiable call: sparse_attn.ops.range_attention
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
@@ -476,19 +475,3 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: RangeLayout) -> None:
         raise ValueError(f"layout: built for {layout.batch_heads} (batch*head) sequences, q has {b * h}")
     if int(layout.row_sizes.sum(-1).max()) > n or int(layout.col_sizes.sum(-1).max()) > n:
         raise ValueError(f"layout: groups cover more than the sequence length N={n}")
-
-
-def range_attention(q: Tensor, k: Tensor, v: Tensor, layout: RangeLayout, *, scale: float | None = None) -> Tensor:
-    """Attention of ``q, k, v [B, H, N, D]`` (already permuted) restricted to ``layout``; differentiable.
-
-    Rows that attend no key get zeros (and zero gradients).  ``scale`` defaults to 1/sqrt(D).
-    """
-    from .. import ops
-
-    check_inputs(q, k, v, layout)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    tensors = [getattr(layout, f) for f in ops.RANGE_TENSOR_FIELDS]
-    ints = [int(getattr(layout, f)) for f in ops.RANGE_INT_FIELDS]
-    out, _ = ops.range_attn_fwd(q, k, v, tensors, ints, float(scale))  # custom op: checkpoint policies see it
-    return out

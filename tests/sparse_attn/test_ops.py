@@ -155,7 +155,7 @@ def test_range_op_opcheck():
 
 
 def test_range_op_selective_checkpoint_skips_recompute():
-    from sparse_attn.kernels.range_attention import range_attention
+    from sparse_attn.ops import range_attention
     from sparse_attn.svg2 import range_attention_torch
 
     q, k, v, layout = _range_case()

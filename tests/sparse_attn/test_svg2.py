@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attn.kmeans as km
-from sparse_attn.kernels.range_attention import build_range_layout, range_attention
+from sparse_attn.kernels.range_attention import build_range_layout
+from sparse_attn.ops import range_attention
 from sparse_attn.svg2 import (
     SVG2Attention,
     SVG2State,
