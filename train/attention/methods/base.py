@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from train.config_schema import AttentionConfig
 from train.geometry import VideoGeometry
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported by the calls, not by a config check
+    from torch import Tensor
 
 __all__ = ["AttentionCall", "AttentionMethod", "KeyName"]
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Optional
 
 from train.attention.methods.base import AttentionCall, AttentionMethod, KeyName
 from train.config_schema import AttentionConfig
 from train.geometry import VideoGeometry
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor
 
 __all__ = ["RadialAttention"]
 
@@ -39,9 +40,11 @@ class RadialAttention(AttentionMethod):
 
     def mask(self, geometry: VideoGeometry, text_tokens: int = 0, device: Optional[torch.device] = None) -> Tensor:
         """The cached radial block mask of ``geometry`` (``bool [Nb, Nb]``)."""
+        import torch
+
         return self.mask_and_density(geometry, text_tokens, torch.device(device or "cpu"))[0]
 
-    def mask_and_density(self, geometry: VideoGeometry, text_tokens: int, device: torch.device) -> tuple[Tensor, float]:
+    def mask_and_density(self, geometry: VideoGeometry, text_tokens: int, device: "torch.device") -> tuple[Tensor, float]:
         g, c = geometry, self.cfg
         key = (g.latent_frames, g.tokens_per_frame, text_tokens, str(device))
         hit = self._masks.get(key)

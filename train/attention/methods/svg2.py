@@ -11,14 +11,14 @@ centroids; those travel with the checkpoint (:meth:`SVG2Attention.state_dict`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Optional
 
 from train.attention.methods.base import AttentionCall, AttentionMethod, KeyName
 from train.config_schema import AttentionConfig
 from train.geometry import VideoGeometry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
 
 __all__ = ["SVG2Attention"]
 
@@ -114,6 +114,8 @@ class SVG2Attention(AttentionMethod):
         return layers
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        import torch
+
         from sparse_attn import SVG2State
 
         self._layers.clear()
@@ -133,6 +135,8 @@ def _is_number(value: Any) -> bool:
 
 def _state_density(state: Any) -> float:
     """Block/pair density an SVG2 state reports (attribute or mapping), 1.0 when it reports none."""
+    from torch import Tensor
+
     for name in ("density", "last_density"):
         value = state.get(name) if isinstance(state, dict) else getattr(state, name, None)
         if value is not None:
