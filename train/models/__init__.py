@@ -6,8 +6,9 @@ the registry (or the adapter class it returns) for family facts instead of namin
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from train.lazy import import_object
 
 if TYPE_CHECKING:  # pragma: no cover
     from train.models.base import ModelAdapter
@@ -32,8 +33,7 @@ def get_adapter(family: str) -> type["ModelAdapter"]:
     target = ADAPTERS.get(family) if isinstance(family, str) else None
     if target is None:
         raise ValueError(f"model.family must be one of {sorted(ADAPTERS)}, got {family!r}")
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return import_object(target)
 
 
 def adapters() -> dict[str, type["ModelAdapter"]]:

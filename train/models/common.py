@@ -5,7 +5,6 @@ one constructor, geometry, noise levels and pipeline loading). Family knowledge 
 
 from __future__ import annotations
 
-import importlib
 import os
 import weakref
 from abc import abstractmethod
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from train.geometry import VideoGeometry
+from train.lazy import import_object
 from train.models.base import ModelAdapter
 
 
@@ -31,12 +31,6 @@ def diffusers_class(name: str) -> Any:
     import diffusers
 
     return getattr(diffusers, name)
-
-
-def import_object(target: str) -> Any:
-    """``"module:Name"`` -> the object (imported on use)."""
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

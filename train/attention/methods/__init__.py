@@ -7,8 +7,9 @@ choices from this dict.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from train.lazy import import_object
 
 if TYPE_CHECKING:  # pragma: no cover
     from train.attention.methods.base import AttentionMethod
@@ -28,5 +29,4 @@ def get_method(name: str) -> type["AttentionMethod"]:
     target = METHODS.get(name) if isinstance(name, str) else None
     if target is None:
         raise ValueError(f"attention.type: expected one of {', '.join(METHODS)}; got {name!r}")
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return import_object(target)
