@@ -48,13 +48,21 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SA
 COMFYUI_FILE = "lora_comfyui.safetensors"
 
 
+CHECKPOINTS_DIR = "checkpoints"  # <run>/checkpoints/checkpoint-<step>
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:06d}"
 
 
+def checkpoint_path(run_dir: Path, name: str) -> Path:
+    """Where checkpoint ``name`` (a :func:`checkpoint_name`) of a run lives."""
+    return Path(run_dir) / CHECKPOINTS_DIR / name
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
@@ -145,7 +153,7 @@ def rotate(run_dir: Path, keep: int, protect: Optional[str] = None) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-RUN_OUTPUTS = ("checkpoints", "final", "export", "validation", "metrics.jsonl", "config-changes.jsonl")
+RUN_OUTPUTS = (CHECKPOINTS_DIR, "final", "export", "validation", "metrics.jsonl", "config-changes.jsonl")
 
 
 def remove_run_outputs(run_dir: Path) -> list[str]:
@@ -238,7 +246,7 @@ def _write_run_weights(run: "Run", folder: Path) -> None:
 def save_checkpoint(run: "Run") -> Path:
     """``<run>/checkpoints/checkpoint-<step>``: accelerate state, weights, meta, position, recipe; then rotation."""
     acc = run.accelerator
-    final = run.run_dir / "checkpoints" / checkpoint_name(run.pos.step)
+    final = checkpoint_path(run.run_dir, checkpoint_name(run.pos.step))
     tmp = staging_dir(final)
     if run.is_main:
         begin(final)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from train.checkpointing import checkpoint_path
 from train.errors import UserError
 from train.hooks.base import Hook
 
@@ -35,7 +36,7 @@ def streak_message(run: "Run") -> str:
     text = f"{run.pos.bad_in_a_row} steps in a row had a NaN/inf loss (train.max_bad_steps_in_a_row); "
     ckpt = run.pos.protected_checkpoint
     if ckpt:
-        path = run.run_dir / "checkpoints" / ckpt
+        path = checkpoint_path(run.run_dir, ckpt)
         return text + (
             f"the last checkpoint before them is {path}: resume from it with a lower learning rate "
             f"(train.resume_from={path} train.learning_rate={run.cfg.train.learning_rate / 10:g}), or check the data"
